@@ -1,0 +1,56 @@
+"""Turn a `data` config into concrete image folders and annotation files.
+
+Each dataset kind (synthetic, coco, bdd100k) may need a preparation step first
+(generate images, convert labels); this module is the one place that dispatches on
+`data.name`, so the trainer only ever sees plain COCO-format paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as configured; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class SplitPaths:
+    """COCO-format inputs of a dataset: image folders and annotation json files."""
+
+    train_images: Path
+    train_ann: Path
+    val_images: Path
+    val_ann: Path
+
+
+def resolve_under_root(root: Path, value: str | Path) -> Path:
+    """Relative paths in a data config are taken relative to its `root`."""
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def coco_paths(data_cfg) -> SplitPaths:
+    root = Path(str(data_cfg.root)).expanduser()
+    return SplitPaths(
+        train_images=resolve_under_root(root, data_cfg.train_images),
+        train_ann=resolve_under_root(root, data_cfg.train_ann),
+        val_images=resolve_under_root(root, data_cfg.val_images),
+        val_ann=resolve_under_root(root, data_cfg.val_ann),
+    )
+
+
+def prepare_dataset(data_cfg) -> SplitPaths:
+    """Make the dataset ready on disk (generating or converting if needed) and return its paths."""
+    name = str(data_cfg.name)
+    if name == "synthetic":
+        from detr_train.data.synthetic import ensure_synthetic_dataset
+
+        ensure_synthetic_dataset(data_cfg)
+        return coco_paths(data_cfg)
+    if name == "bdd100k":
+        from detr_train.data.bdd100k import prepare
+
+        return prepare(data_cfg)
+    return coco_paths(data_cfg)

@@ -1,0 +1,93 @@
+"""COCO mAP with pycocotools, against the original annotation json.
+
+The numbers are COCOeval's own (`stats`), under stable names; per-class AP is read
+from COCOeval's precision array the way COCOeval's summarize() averages it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+log = logging.getLogger(__name__)
+
+# Names of COCOeval.stats entries, in order.
+STAT_NAMES = (
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+)
+
+
+def load_coco_ground_truth(ann_file: Path) -> COCO:
+    # pycocotools prints progress to stdout; keep the CLI's output to our log.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(ann_file))
+
+
+def _per_class_ap(evaluator: COCOeval) -> list[float]:
+    """AP@[.5:.95] per category, area=all, maxDets=100; -1 where the class has no ground truth."""
+    precision = evaluator.eval["precision"]  # [iou, recall, category, area, maxdets]
+    result = []
+    for k in range(precision.shape[2]):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        result.append(float(np.mean(values)) if values.size else -1.0)
+    return result
+
+
+def coco_evaluate(
+    coco_gt: COCO,
+    detections: Sequence[dict],
+    image_ids: Sequence[int],
+    *,
+    class_names: dict[int, str] | None = None,
+) -> dict:
+    """Score COCO-format detections (image_id, category_id, bbox xywh, score) on `image_ids`.
+
+    Returns a dict of floats named as in STAT_NAMES, plus `map_per_class` (name -> AP).
+    With no detections at all every score is 0 (COCOeval cannot load an empty result).
+    """
+    image_ids = sorted(int(i) for i in image_ids)
+    category_ids = sorted(coco_gt.getCatIds())
+    names = class_names or {c["id"]: c["name"] for c in coco_gt.loadCats(category_ids)}
+    if not detections:
+        metrics = {name: 0.0 for name in STAT_NAMES}
+        metrics["map_per_class"] = {names[c]: 0.0 for c in category_ids}
+        return metrics
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes([dict(d) for d in detections])
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+    per_class = _per_class_ap(evaluator)
+    metrics["map_per_class"] = {names[c]: ap for c, ap in zip(evaluator.params.catIds, per_class)}
+    return metrics
+
+
+def format_per_class_table(map_per_class: dict[str, float]) -> str:
+    """A small fixed-width table for the log: class, AP."""
+    width = max([len(name) for name in map_per_class] + [5])
+    lines = [f"{'class':<{width}}  AP@[.5:.95]"]
+    for name, ap in map_per_class.items():
+        lines.append(f"{name:<{width}}  {'n/a' if ap < 0 else f'{ap:.4f}'}")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Build the Deformable DETR model and its image processor from the `model` config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be found or fetched."""
+
+
+def _architecture_kwargs(model_cfg) -> dict:
+    return {
+        "d_model": int(model_cfg.d_model),
+        "encoder_layers": int(model_cfg.encoder_layers),
+        "decoder_layers": int(model_cfg.decoder_layers),
+        "encoder_attention_heads": int(model_cfg.encoder_attention_heads),
+        "decoder_attention_heads": int(model_cfg.decoder_attention_heads),
+        "encoder_ffn_dim": int(model_cfg.encoder_ffn_dim),
+        "decoder_ffn_dim": int(model_cfg.decoder_ffn_dim),
+        "num_queries": int(model_cfg.num_queries),
+        "num_feature_levels": int(model_cfg.num_feature_levels),
+        "encoder_n_points": int(model_cfg.encoder_n_points),
+        "decoder_n_points": int(model_cfg.decoder_n_points),
+        "dropout": float(model_cfg.dropout),
+        "with_box_refine": bool(model_cfg.with_box_refine),
+        "two_stage": bool(model_cfg.two_stage),
+        "auxiliary_loss": bool(model_cfg.auxiliary_loss),
+        # transformers types these as int; the configs may say 2.0.
+        "class_cost": int(model_cfg.loss.class_cost),
+        "bbox_cost": int(model_cfg.loss.bbox_cost),
+        "giou_cost": int(model_cfg.loss.giou_cost),
+        "bbox_loss_coefficient": int(model_cfg.loss.bbox_loss_coefficient),
+        "giou_loss_coefficient": int(model_cfg.loss.giou_loss_coefficient),
+        "focal_alpha": float(model_cfg.loss.focal_alpha),
+    }
+
+
+def build_model_config(model_cfg, class_names: list[str]):
+    """A random-init DeformableDetrConfig with a transformers ResNet backbone (no timm needed)."""
+    from transformers import DeformableDetrConfig, ResNetConfig
+
+    if int(model_cfg.decoder_layers) < 2:
+        # transformers ties the per-layer bbox heads and fails at init with one layer.
+        raise ValueError(f"model.decoder_layers must be >= 2 (got {model_cfg.decoder_layers})")
+    out_features = list(model_cfg.backbone.out_features)
+    if int(model_cfg.num_feature_levels) < len(out_features):
+        raise ValueError(
+            f"model.num_feature_levels={model_cfg.num_feature_levels} is smaller than the number of "
+            f"backbone.out_features ({out_features})"
+        )
+    backbone = ResNetConfig(
+        embedding_size=int(model_cfg.backbone.embedding_size),
+        hidden_sizes=list(model_cfg.backbone.hidden_sizes),
+        depths=list(model_cfg.backbone.depths),
+        layer_type=str(model_cfg.backbone.layer_type),
+        out_features=out_features,
+    )
+    return DeformableDetrConfig(
+        backbone_config=backbone,
+        num_labels=len(class_names),
+        id2label=dict(enumerate(class_names)),
+        label2id={name: i for i, name in enumerate(class_names)},
+        **_architecture_kwargs(model_cfg),
+    )
+
+
+def _load_pretrained(source: str, class_names: list[str]):
+    from transformers import DeformableDetrForObjectDetection
+
+    local = Path(source).expanduser()
+    label_kwargs = {
+        "num_labels": len(class_names),
+        "id2label": dict(enumerate(class_names)),
+        "label2id": {name: i for i, name in enumerate(class_names)},
+        # The class head is re-initialised for this dataset's classes.
+        "ignore_mismatched_sizes": True,
+    }
+    if local.is_dir():
+        return DeformableDetrForObjectDetection.from_pretrained(str(local), **label_kwargs)
+    if local.suffix or source.startswith((".", "/", "~")):
+        raise PretrainedUnavailableError(f"model.pretrained={source!r}: no such local folder")
+    try:
+        return DeformableDetrForObjectDetection.from_pretrained(source, **label_kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise PretrainedUnavailableError(
+            f"could not load pretrained weights model.pretrained={source!r} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Without network access, either train from "
+            f"scratch with model.pretrained=null, or point model.pretrained at a local folder written by "
+            f"save_pretrained (or a downloaded hub snapshot)."
+        ) from exc
+
+
+def build_model(model_cfg, class_names: list[str]):
+    """The detection model: random init from the config, or pretrained weights with a resized head."""
+    if model_cfg.pretrained:
+        model = _load_pretrained(str(model_cfg.pretrained), class_names)
+        log.info("Loaded pretrained weights from %s (class head resized to %d classes)", model_cfg.pretrained, len(class_names))
+        return model
+    from transformers import DeformableDetrForObjectDetection
+
+    model = DeformableDetrForObjectDetection(build_model_config(model_cfg, class_names))
+    log.info(
+        "Built %s from scratch: %.2fM parameters, %d classes",
+        model_cfg.name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        len(class_names),
+    )
+    return model
+
+
+def build_image_processor(eval_size: int, max_size_ratio: float):
+    """The HF processor; training changes only the per-call size (progressive resizing)."""
+    from transformers import DeformableDetrImageProcessor
+
+    from detr_train.data.collate import processor_size
+
+    return DeformableDetrImageProcessor(size=processor_size(eval_size, max_size_ratio))

@@ -1,0 +1,56 @@
+"""Progressive resizing: the training resolution as a pure function of the epoch.
+
+`resize_schedule` is a list of `[first_epoch, size]` pairs, epochs 1-based, e.g.
+`[[1, 640], [20, 800], [40, 960]]`: epochs 1-19 at 640, 20-39 at 800, 40+ at 960.
+Because the size is recomputed from the epoch number (never switched by an event),
+a run resumed past a switch trains at the right size.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class ResizeScheduleError(ValueError):
+    pass
+
+
+def validate_resize_schedule(schedule) -> list[tuple[int, int]]:
+    """Check and normalise a schedule; raises ResizeScheduleError naming the bad entry."""
+    if schedule is None:
+        return []
+    key = "training.resize_schedule"
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) and not hasattr(schedule, "__iter__"):
+        raise ResizeScheduleError(f"{key} must be a list of [first_epoch, size] pairs, got {schedule!r}")
+    entries = list(schedule)
+    if not entries:
+        raise ResizeScheduleError(f"{key} is empty; use null for a fixed size")
+    pairs: list[tuple[int, int]] = []
+    for position, entry in enumerate(entries):
+        items = list(entry) if hasattr(entry, "__iter__") and not isinstance(entry, (str, bytes)) else None
+        if items is None or len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise ResizeScheduleError(
+                f"{key}[{position}] = {entry!r} is not an integer [first_epoch, size] pair"
+            )
+        first_epoch, size = items
+        if size <= 0:
+            raise ResizeScheduleError(f"{key}[{position}]: size must be positive, got {size}")
+        if first_epoch < 1:
+            raise ResizeScheduleError(f"{key}[{position}]: epochs are 1-based, got first_epoch={first_epoch}")
+        if pairs and first_epoch <= pairs[-1][0]:
+            raise ResizeScheduleError(
+                f"{key}[{position}]: first epochs must be strictly increasing ({pairs[-1][0]} then {first_epoch})"
+            )
+        pairs.append((first_epoch, size))
+    if pairs[0][0] != 1:
+        raise ResizeScheduleError(f"{key} must start at epoch 1 (first entry starts at epoch {pairs[0][0]})")
+    return pairs
+
+
+def size_for_epoch(schedule: list[tuple[int, int]], epoch: int, default: int) -> int:
+    """The training shortest-edge size for a 1-based `epoch`."""
+    size = default
+    for first_epoch, entry_size in schedule:
+        if epoch >= first_epoch:
+            size = entry_size
+    return size
