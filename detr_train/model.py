@@ -94,6 +94,36 @@ def _load_pretrained(source: str, class_names: list[str]):
         ) from exc
 
 
+def _group_norm_for(frozen) -> "torch.nn.GroupNorm":
+    import math
+
+    import torch
+
+    channels = frozen.weight.shape[0]
+    return torch.nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+def adapt_backbone(model, *, norm: str, train_stem: bool) -> None:
+    """Make transformers' backbone trainable from scratch when asked.
+
+    transformers assumes an ImageNet-pretrained backbone: it freezes BatchNorm and
+    the stem + first stage. A randomly initialised backbone cannot learn like that,
+    so a from-scratch model swaps in GroupNorm (batch-size independent) and trains
+    every backbone layer.
+    """
+    backbone = model.model.backbone.model
+    if norm == "group_norm":
+        for parent in list(backbone.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child).__name__ == "DeformableDetrFrozenBatchNorm2d":
+                    setattr(parent, child_name, _group_norm_for(child))
+    elif norm != "frozen_bn":
+        raise ValueError(f"model.backbone.norm must be frozen_bn or group_norm, got {norm!r}")
+    if train_stem:
+        for parameter in backbone.parameters():
+            parameter.requires_grad_(True)
+
+
 def build_model(model_cfg, class_names: list[str]):
     """The detection model: random init from the config, or pretrained weights with a resized head."""
     if model_cfg.pretrained:
@@ -103,6 +133,7 @@ def build_model(model_cfg, class_names: list[str]):
     from transformers import DeformableDetrForObjectDetection
 
     model = DeformableDetrForObjectDetection(build_model_config(model_cfg, class_names))
+    adapt_backbone(model, norm=str(model_cfg.backbone.norm), train_stem=bool(model_cfg.backbone.train_stem))
     log.info(
         "Built %s from scratch: %.2fM parameters, %d classes",
         model_cfg.name,

@@ -1,0 +1,65 @@
+"""Shared fixtures: a small synthetic dataset made once per session, and config composition."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from detr_train.config_path import config_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Small enough to generate in a second, big enough to train on.
+SMALL_SYNTHETIC = [
+    "data.generate.num_train=48",
+    "data.generate.num_val=16",
+    "data.generate.image_size=96",
+    "data.generate.min_object_size=16",
+    "data.generate.max_object_size=40",
+    "data.image_size=96",
+    "data.eval_size=96",
+    "data.num_workers=0",
+]
+
+
+def compose_config(overrides: list[str] | None = None):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small generated dataset shared by the whole session (read-only for tests)."""
+    from detr_train.data.synthetic import ensure_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    cfg = compose_config(SMALL_SYNTHETIC + [f"data.root={root}"])
+    ensure_synthetic_dataset(cfg.data)
+    return root
+
+
+@pytest.fixture
+def small_run_overrides(synthetic_root, tmp_path) -> list[str]:
+    """Overrides for a fast end-to-end run on the shared small dataset."""
+    return SMALL_SYNTHETIC + [
+        f"data.root={synthetic_root}",
+        f"output_root={tmp_path / 'outputs'}",
+        "training.batch_size=4",
+        "training.log_every=0",
+        "training.progress=false",
+        "training.schedule.warmup_steps=2",
+    ]
+
+
+def run_cli(args: list[str], *, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
+    """Run `python -m detr_train` in a subprocess; returns the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "detr_train", *args],
+        cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env,
+    )

@@ -1,0 +1,56 @@
+"""Level 2: the CLI's default run, shortened, completes and writes the run-dir contract."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import yaml
+
+from tests.conftest import run_cli
+
+EPOCH_KEYS = {"epoch", "lr", "train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "map", "map_50",
+              "map_75", "map_small", "map_medium", "map_large", "map_per_class", "epoch_time", "image_size"}
+
+
+def test_default_run_writes_the_run_directory(small_run_overrides, tmp_path):
+    result = run_cli(small_run_overrides + ["training.epochs=2", "training.export_hf=true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = [p for p in (tmp_path / "outputs" / "default").iterdir() if p.is_dir()]
+    assert len(run_dirs) == 1
+    run_dir = run_dirs[0]
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["name"] == "deformable_detr_tiny" and config["training"]["epochs"] == 2
+    log_text = (run_dir / "train.log").read_text()
+    assert "epoch 2/2" in log_text and "Best validation mAP" in log_text
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(EPOCH_KEYS <= set(r) for r in records)
+    assert all(0.0 <= r["map"] <= 1.0 for r in records)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert best["best_metric"] == max(r["map"] for r in records)
+    assert (run_dir / "hf_model" / "config.json").is_file()
+    assert (run_dir / "hf_model" / "preprocessor_config.json").is_file()
+
+
+def test_amp_without_cuda_warns_once_and_trains_in_fp32(small_run_overrides):
+    result = run_cli(small_run_overrides + ["training.epochs=1", "training.amp=true", "training.val_subset_size=4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("training.amp=true needs CUDA") == 1
+
+
+def test_help_answers_quickly():
+    start = time.perf_counter()
+    result = run_cli(["--help"], timeout=60)
+    assert result.returncode == 0
+    assert "model: deformable_detr, deformable_detr_tiny" in result.stdout
+    assert time.perf_counter() - start < 10
+
+
+def test_bad_dataset_path_is_one_clear_error(tmp_path):
+    result = run_cli(["data=coco", f"data.root={tmp_path / 'nowhere'}", f"output_root={tmp_path}", "data.num_workers=0"])
+    assert result.returncode != 0
+    assert f"annotation file not found: {tmp_path / 'nowhere'}" in result.stdout + result.stderr

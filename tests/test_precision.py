@@ -1,0 +1,93 @@
+"""Mixed precision plumbing and the non-finite loss guard."""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+import torch
+
+from detr_train.engine import LossMeter, NonFiniteLossError, StepSettings, train_one_epoch
+from detr_train.model import build_model
+from detr_train.precision import keep_deformable_attention_fp32, resolve_precision
+from tests.conftest import compose_config
+
+
+def test_amp_on_cpu_falls_back_to_fp32_with_one_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        precision = resolve_precision(True, "float16", torch.device("cpu"))
+    assert not precision.enabled and not precision.scaler.is_enabled()
+    assert sum("needs CUDA" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_bad_amp_dtype_is_rejected():
+    with pytest.raises(ValueError, match="training.amp_dtype"):
+        resolve_precision(True, "float8", torch.device("cpu"))
+
+
+def test_deformable_attention_stays_fp32_under_autocast():
+    model = build_model(compose_config().model, ["a", "b", "c"]).eval()
+    assert keep_deformable_attention_fp32(model) == 3  # 1 encoder + 2 decoder layers
+    seen = []
+    for module in model.modules():
+        if type(module).__name__ == "DeformableDetrMultiscaleDeformableAttention":
+            module.register_forward_hook(lambda m, args, out: seen.append(out[0].dtype))
+    pixels = torch.randn(1, 3, 64, 64)
+    # CPU autocast in bf16 stands in for CUDA autocast: the wrapper is device-agnostic.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(pixel_values=pixels, pixel_mask=torch.ones(1, 64, 64, dtype=torch.long))
+    assert seen and all(dtype == torch.float32 for dtype in seen)
+    assert torch.isfinite(outputs.logits.float()).all()
+
+
+class _NaNAfter(torch.nn.Module):
+    """A stand-in detector whose loss turns NaN from call `bad_from` on."""
+
+    def __init__(self, bad_from: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.calls, self.bad_from = 0, bad_from
+
+    def forward(self, pixel_values, pixel_mask, labels):
+        self.calls += 1
+        loss = (self.weight * 2.0).sum()
+        if self.calls >= self.bad_from:
+            loss = loss * float("nan")
+        return types.SimpleNamespace(loss=loss, loss_dict={"loss_ce": loss})
+
+
+def _batches(n):
+    return [{"pixel_values": torch.zeros(1, 3, 4, 4), "pixel_mask": torch.ones(1, 4, 4), "labels": [{}]}] * n
+
+
+def _train(model, nonfinite, max_steps=5):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    settings = StepSettings(grad_clip=1.0, nonfinite=nonfinite, max_nonfinite_steps=max_steps, log_every=0, progress=False)
+    meter = LossMeter()
+    train_one_epoch(model, _batches(4), optimizer, scheduler, resolve_precision(False, "bfloat16", torch.device("cpu")),
+                    torch.device("cpu"), settings, meter, epoch=1)
+    return meter
+
+
+def test_nonfinite_loss_is_skipped_without_touching_the_weights(caplog):
+    model = _NaNAfter(bad_from=3)
+    with caplog.at_level(logging.WARNING):
+        meter = _train(model, "skip")
+    assert meter.skipped == 2 and meter.count == 2
+    assert torch.isfinite(model.weight).all()
+    assert model.weight.item() == pytest.approx(1.0 - 2 * 0.1 * 1.0)  # two clipped SGD steps
+    assert any("non-finite loss" in r.getMessage() for r in caplog.records)
+
+
+def test_nonfinite_loss_stops_when_configured():
+    model = _NaNAfter(bad_from=2)
+    with pytest.raises(NonFiniteLossError, match="training.nonfinite"):
+        _train(model, "stop")
+    assert torch.isfinite(model.weight).all()
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_anyway():
+    with pytest.raises(NonFiniteLossError, match="in a row"):
+        _train(_NaNAfter(bad_from=1), "skip", max_steps=2)
