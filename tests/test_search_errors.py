@@ -1,0 +1,69 @@
+"""Bad input gives one clear message, a non-zero exit and no trial: nothing is asked of Optuna first."""
+
+from __future__ import annotations
+
+import pytest
+from search_app.harness import run_app
+
+SPACE = ("x=interval(0, 1)", "y=interval(0, 1)")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param(
+            ("x=interval(0, 1)", "learning_rate=interval(0.1, 0.2)"),
+            "The search space does not fit the config: Could not override 'learning_rate'",
+            id="unknown-param-path",
+        ),
+        pytest.param(
+            ("x=0.3", "hydra.sweeper.params={}"),
+            "The search space is empty",
+            id="empty-space",
+        ),
+        pytest.param(
+            ("x=interval(0, 1", "y=interval(0, 1)"),
+            "no viable alternative at input 'interval(0, 1'",  # Hydra's own parser, before the sweeper
+            id="malformed-grammar-on-the-command-line",
+        ),
+        pytest.param(
+            ("+hydra.sweeper.params.x='tag(log, intervl(0.1, 1))'",),
+            "Cannot parse search parameter 'x=tag(log, intervl(0.1, 1))'",
+            id="malformed-grammar-in-params",
+        ),
+        pytest.param(
+            (*SPACE, "hydra.sweeper.storage=sqlite:////no/such/dir/study.db"),
+            "Cannot open the Optuna storage 'sqlite:////no/such/dir/study.db'",
+            id="unreachable-sqlite",
+        ),
+        pytest.param(
+            (*SPACE, "hydra.sweeper.storage='postgresql://user:secret@127.0.0.1:1/optuna'"),
+            "Cannot open the Optuna storage 'postgresql://user:***@127.0.0.1:1/optuna'",
+            id="unreachable-postgresql",
+        ),
+        pytest.param(
+            (*SPACE, "hydra/sweeper/sampler=grid"),
+            "The grid sampler needs a finite set of values, but 'x=interval(0, 1)' is continuous",
+            id="grid-over-an-interval",
+        ),
+        pytest.param(
+            (*SPACE, "hydra.sweeper.direction=up"),
+            "hydra.sweeper.direction must be one of ('maximize', 'minimize')",
+            id="bad-direction",
+        ),
+        pytest.param(
+            (*SPACE, "~trial"),
+            "The app's config needs a `trial` block",
+            id="no-trial-block",
+        ),
+    ],
+)
+def test_bad_input_fails_before_any_trial_with_a_clear_message(tmp_path, overrides, message):
+    sweep_dir = tmp_path / "sweep"
+    result = run_app(sweep_dir, *overrides, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "secret" not in result.stderr
+    assert not list(sweep_dir.glob("trial_*"))
+    assert not (sweep_dir / "trials.csv").exists()

@@ -1,0 +1,113 @@
+"""The job side of the search channel (reporter) and how the sweeper reads a job's end (outcome)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optuna
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from detr_train.search import attrs
+from detr_train.search.outcome import judge
+from detr_train.search.reporter import NullReporter, TrialReporter, reporter_for
+from detr_train.search.storage import open_storage
+
+
+def test_outside_a_search_the_reporter_is_a_no_op_and_optuna_is_never_imported():
+    # Hydra imports every plugin at start-up (even for --help): neither the shim nor a
+    # plain run may pull in Optuna.
+    code = (
+        "import sys\n"
+        "import hydra_plugins.detr_train_sweeper.detr_train_sweeper\n"
+        "from detr_train.search.reporter import reporter_for\n"
+        "r = reporter_for({'study_name': None, 'storage': None, 'number': None})\n"
+        "r.report(1, 0.5); assert r.should_prune() is False; r.interrupted('SIGTERM')\n"
+        "assert 'optuna' not in sys.modules, 'optuna was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert isinstance(reporter_for(None), NullReporter)
+
+
+@pytest.fixture
+def study(tmp_path) -> tuple[optuna.Study, str]:
+    url = str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    study.set_user_attr(attrs.PRUNER, {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.3})
+    return study, url
+
+
+def _trial_cfg(url: str, number: int):
+    return OmegaConf.create({"study_name": "s", "storage": url, "number": number})
+
+
+def test_the_reporter_reports_to_the_stored_trial_and_prunes_with_the_stored_pruner(study):
+    study, url = study
+    trial = study.ask()
+    reporter = reporter_for(_trial_cfg(url, trial.number))
+    assert isinstance(reporter, TrialReporter)
+    reporter.report(1, 0.5)
+    assert reporter.should_prune() is False
+    reporter.report(2, 0.1)  # below the stored ThresholdPruner's lower=0.3
+    assert reporter.should_prune() is True
+    stored = study.trials[0]
+    assert stored.intermediate_values == {1: 0.5, 2: 0.1}
+    assert stored.user_attrs[attrs.PRUNED_AT] == 2
+    assert stored.state == TrialState.RUNNING  # only the sweeper tells
+    reporter.interrupted("SIGTERM")
+    assert study.trials[0].user_attrs[attrs.INTERRUPTED] == "SIGTERM"
+
+
+def test_a_finished_trial_is_not_reported_to(study, caplog):
+    study, url = study
+    trial = study.ask()
+    study.tell(trial, 0.4)
+    reporter = reporter_for(_trial_cfg(url, trial.number))
+    assert isinstance(reporter, NullReporter)
+    assert "is COMPLETE, not RUNNING" in caplog.text
+
+
+def test_a_trial_that_is_not_in_the_storage_is_a_clear_error(study):
+    _, url = study
+    with pytest.raises(RuntimeError, match="trial.number=7 of study 's' is not in the storage"):
+        reporter_for(_trial_cfg(url, 7))
+
+
+def _job(status: JobStatus, value) -> JobReturn:
+    job = JobReturn()
+    job.status, job._return_value = status, value
+    return job
+
+
+def _stored(**user_attrs) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs=user_attrs)
+
+
+@pytest.mark.parametrize(
+    ("job", "stored", "state", "value"),
+    [
+        (_job(JobStatus.COMPLETED, 0.7), _stored(), TrialState.COMPLETE, 0.7),
+        (_job(JobStatus.COMPLETED, 0.2), _stored(**{attrs.PRUNED_AT: 2}), TrialState.PRUNED, None),
+        (_job(JobStatus.COMPLETED, 0.2), _stored(**{attrs.INTERRUPTED: "SIGTERM"}), TrialState.FAIL, None),
+        (_job(JobStatus.FAILED, optuna.TrialPruned()), _stored(), TrialState.PRUNED, None),
+        (_job(JobStatus.FAILED, RuntimeError("out of memory")), _stored(), TrialState.FAIL, None),
+        (_job(JobStatus.COMPLETED, float("nan")), _stored(), TrialState.FAIL, None),
+        (_job(JobStatus.COMPLETED, None), _stored(), TrialState.FAIL, None),
+    ],
+)
+def test_a_jobs_end_maps_to_one_optuna_state(job, stored, state, value):
+    outcome = judge(job, stored)
+    assert (outcome.state, outcome.value) == (state, value)
+    assert (outcome.error is not None) == (state == TrialState.FAIL)
+
+
+def test_a_failed_job_keeps_its_error_and_traceback():
+    try:
+        raise RuntimeError("CUDA out of memory")
+    except RuntimeError as error:
+        outcome = judge(_job(JobStatus.FAILED, error), _stored())
+    assert outcome.error == "RuntimeError: CUDA out of memory"
+    assert "Traceback" in outcome.details and "CUDA out of memory" in outcome.details
