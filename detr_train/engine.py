@@ -120,6 +120,7 @@ def train_one_epoch(
     """
     model.train()
     data_wait = 0.0
+    input_hw: list[int] = []
     start = time.perf_counter()
     tick = start
     bar = tqdm(batches, total=total_batches, initial=first_batch, desc=f"epoch {epoch}",
@@ -127,6 +128,8 @@ def train_one_epoch(
     for batch_index, batch in enumerate(bar, start=first_batch):
         data_wait += time.perf_counter() - tick
         pixel_values, pixel_mask, labels = _to_device(batch, device)
+        # What the loader actually produced (proves a size change reached the workers).
+        input_hw = list(pixel_values.shape[-2:])
         with precision.autocast():
             outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
         losses = _loss_components(outputs)
@@ -156,6 +159,7 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     result = {f"train_{k}": v for k, v in meter.means().items()}
     result["skipped_steps"] = float(meter.skipped)
+    result["input_hw"] = input_hw
     result["data_wait_fraction"] = data_wait / elapsed if elapsed > 0 else 0.0
     return result
 

@@ -31,6 +31,7 @@ from detr_train.optim import build_optimizer, build_scheduler
 from detr_train.precision import keep_deformable_attention_fp32, resolve_precision
 from detr_train.resize import size_for_epoch, validate_resize_schedule
 from detr_train.resume import ResumeTarget
+from detr_train.search.reporter import reporter_for
 from detr_train.signals import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -137,24 +138,6 @@ def _loader(dataset, batch_sampler, collator, data_cfg, seed: int, device: torch
         # iterator never shifts the training RNG stream (exact resume).
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-class _NoReporter:
-    def report(self, step: int, value: float) -> None:
-        pass
-
-    def should_prune(self) -> bool:
-        return False
-
-
-def _reporter(cfg: DictConfig):
-    trial = cfg.get("trial")
-    if trial is None or trial.get("number") is None:
-        return _NoReporter()
-    # Only searches pay for importing optuna.
-    from detr_train.search.reporter import reporter_for
-
-    return reporter_for(trial)
 
 
 class Trainer:
@@ -273,7 +256,8 @@ class Trainer:
         return epoch % every == 0 or epoch == self.epochs
 
     def fit(self) -> float:
-        reporter = _reporter(self.cfg)
+        # A no-op outside a search; inside one, it talks to the trial in the study's storage.
+        reporter = reporter_for(self.cfg.get("trial"))
         every_n_steps = int(self.cfg.training.checkpoint.every_n_steps)
         with GracefulStop() as stop:
             for epoch in range(self.progress.epoch + 1, self.epochs + 1):
@@ -300,6 +284,7 @@ class Trainer:
                 )
                 if self.progress.batch_in_epoch < self.steps_per_epoch:
                     self.save()
+                    reporter.interrupted(str(stop.requested))
                     log.warning(
                         "Stopped by %s at epoch %d, batch %d/%d; checkpoint saved. Resume with:\n"
                         "  detr-train training.resume=%s", stop.requested, epoch, self.progress.batch_in_epoch,
@@ -330,6 +315,7 @@ class Trainer:
                         log.info("Trial pruned by the search after epoch %d (mAP %.4f)", epoch, metrics["map"])
                         break
                 if stop.requested is not None and epoch < self.epochs:
+                    reporter.interrupted(str(stop.requested))
                     log.warning("Stopped by %s after epoch %d; resume with:\n  detr-train training.resume=%s",
                                 stop.requested, epoch, self.run_dir)
                     break

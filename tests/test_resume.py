@@ -1,0 +1,165 @@
+"""Resume: a stopped run continues exactly as if it had never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from detr_train import checkpoint as ckpt
+from detr_train.resume import find_resume_target, reconcile_config
+from detr_train.run import Trainer
+from tests.conftest import SMALL_SYNTHETIC, compose_config, run_cli
+
+# LR schedules that depend only on the step (not on the total length) make
+# "2 epochs, then 2 more" the same run as "4 epochs".
+EXACT = ["training.schedule.name=step", "training.schedule.step_epochs=[3]", "training.epochs=4",
+         "training.val_subset_size=8"]
+TIMING_KEYS = {"epoch_time", "eval_time", "data_wait_fraction"}
+
+
+def _cfg(small_run_overrides, *extra):
+    return compose_config(small_run_overrides + EXACT + list(extra))
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+
+
+def _resume(cfg, run_dir: Path) -> Trainer:
+    target = find_resume_target(str(run_dir), Path("unused"), "unused")
+    resumed_cfg = reconcile_config(target.payload[ckpt.KEY_CONFIG_YAML], cfg)
+    trainer = Trainer(resumed_cfg, target.run_dir)
+    trainer.restore(target)
+    trainer.fit()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def straight_run(synthetic_root, tmp_path_factory):
+    # One uninterrupted reference run shared by the equivalence tests.
+    overrides = SMALL_SYNTHETIC + [f"data.root={synthetic_root}", "training.batch_size=4", "training.log_every=0",
+                                   "training.progress=false", "training.schedule.warmup_steps=2"]
+    trainer = Trainer(compose_config(overrides + EXACT), tmp_path_factory.mktemp("straight"))
+    trainer.fit()
+    return trainer
+
+
+def _assert_same_run(straight: Trainer, resumed: Trainer):
+    assert _records(resumed.run_dir) == _records(straight.run_dir)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.progress == straight.progress
+
+
+def test_two_epochs_then_resume_equals_four_straight(straight_run, small_run_overrides, tmp_path):
+    run_dir = tmp_path / "split"
+    Trainer(_cfg(small_run_overrides, "training.epochs=2"), run_dir).fit()
+    assert [r["epoch"] for r in _records(run_dir)] == [1, 2]
+    resumed = _resume(_cfg(small_run_overrides), run_dir)
+    assert [r["epoch"] for r in _records(run_dir)] == [1, 2, 3, 4]
+    _assert_same_run(straight_run, resumed)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_mid_epoch_checkpoint_resumes_at_the_exact_batch(straight_run, small_run_overrides, tmp_path, monkeypatch):
+    run_dir = tmp_path / "crashed"
+    trainer = Trainer(_cfg(small_run_overrides, "training.checkpoint.every_n_steps=5"), run_dir)
+    original_save = trainer.save
+
+    def save_then_crash(**kwargs):
+        path = original_save(**kwargs)
+        if trainer.progress.global_step == 15:  # 12 batches per epoch: epoch 2, batch 3
+            raise _Crash
+        return path
+
+    monkeypatch.setattr(trainer, "save", save_then_crash)
+    with pytest.raises(_Crash):
+        trainer.fit()
+    saved = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (saved[ckpt.KEY_EPOCH], saved[ckpt.KEY_BATCH_IN_EPOCH]) == (1, 3)
+    _assert_same_run(straight_run, _resume(_cfg(small_run_overrides), run_dir))
+
+
+def test_sigterm_stops_cleanly_and_resumes_exactly(straight_run, small_run_overrides, tmp_path):
+    run_dir = tmp_path / "preempted"
+    trainer = Trainer(_cfg(small_run_overrides), run_dir)
+    calls = {"n": 0}
+
+    def preempt(module, args):
+        calls["n"] += 1
+        if calls["n"] == 20:  # 12 train + 2 eval forwards in epoch 1: train batch 6 of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handle = trainer.model.register_forward_pre_hook(preempt)
+    trainer.fit()  # returns normally: the signal only asks for a clean stop
+    handle.remove()
+    saved = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert saved[ckpt.KEY_GLOBAL_STEP] == 18 and saved[ckpt.KEY_BATCH_IN_EPOCH] == 6
+    assert [r["epoch"] for r in _records(run_dir)] == [1]
+    _assert_same_run(straight_run, _resume(_cfg(small_run_overrides), run_dir))
+
+
+def test_cli_resume_with_more_epochs_continues_in_the_same_run_dir(small_run_overrides, tmp_path):
+    args = small_run_overrides + ["training.epochs=2", "training.val_subset_size=4", "name=grow"]
+    first = run_cli(args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run_dir,) = (tmp_path / "outputs" / "grow").iterdir()
+    second = run_cli(args + ["training.epochs=3", f"training.resume={run_dir}", "training.lr=0.5"])
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "outputs" / "grow").iterdir()] == [run_dir.name]
+    assert [r["epoch"] for r in _records(run_dir)] == [1, 2, 3]
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 2/2" in log and "epoch 3/3" in log
+    assert "training.epochs changed 2 -> 3 (the new value wins)" in log
+    assert "training.lr: checkpoint 0.0004, now 0.5" in log
+    # `auto` finds the newest resumable run of the same name; nothing left to do there.
+    third = run_cli(args + ["training.epochs=3", "training.resume=auto"])
+    assert third.returncode == 0
+    assert [r["epoch"] for r in _records(run_dir)] == [1, 2, 3]
+
+
+def test_resume_from_damaged_last_uses_newest_intact_and_reports(small_run_overrides, tmp_path, caplog):
+    run_dir = tmp_path / "damaged"
+    Trainer(_cfg(small_run_overrides, "training.epochs=2", "training.checkpoint.keep_last=2"), run_dir).fit()
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    target = find_resume_target(str(run_dir), Path("unused"), "unused")
+    assert target.checkpoint.name == "epoch_0002.pt"
+    assert any("last.pt is truncated or corrupted" in reason for reason in target.skipped)
+    with pytest.raises(ckpt.CheckpointError, match="last.pt is truncated"):
+        find_resume_target(str(last), Path("unused"), "unused")
+
+
+def test_incompatible_checkpoint_is_refused_and_the_run_dir_untouched(small_run_overrides, tmp_path):
+    args = small_run_overrides + ["training.epochs=1", "training.val_subset_size=4", "name=clash"]
+    assert run_cli(args).returncode == 0
+    (run_dir,) = (tmp_path / "outputs" / "clash").iterdir()
+    last = run_dir / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    cfg = OmegaConf.create(payload[ckpt.KEY_CONFIG_YAML])
+    cfg.model.d_model = 32  # the weights no longer fit the architecture the config describes
+    payload[ckpt.KEY_CONFIG_YAML] = OmegaConf.to_yaml(cfg)
+    ckpt.save_checkpoint(last, payload)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = run_cli(args + [f"training.resume={last}"])
+    assert result.returncode != 0
+    assert "does not fit this model" in result.stdout + result.stderr
+    assert "model.model.input_proj" in result.stdout + result.stderr or "shape mismatch" in result.stdout + result.stderr
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "train.log"}
+    assert after == {p: b for p, b in before.items() if p.name != "train.log"}
+
+
+def test_missing_resume_path_is_one_clear_error(tmp_path):
+    result = run_cli([f"training.resume={tmp_path / 'nope.pt'}", f"output_root={tmp_path}"], timeout=120)
+    assert result.returncode != 0
+    assert f"checkpoint not found: {tmp_path / 'nope.pt'}" in result.stdout + result.stderr
