@@ -33,10 +33,10 @@ def train(cfg: DictConfig) -> float:
         if resume is None:
             log.info("training.resume=auto: no resumable run under %s/%s; starting a new run", cfg.output_root, cfg.name)
         else:
+            adopt_run_dir(resume.run_dir, fresh_dir)
             for reason in resume.skipped:
                 log.warning("skipped checkpoint: %s", reason)
             cfg = reconcile_config(str(resume.payload["config_yaml"]), cfg)
-            adopt_run_dir(resume.run_dir, fresh_dir, cfg)
     run_dir = resume.run_dir if resume is not None else fresh_dir
     return run(cfg, run_dir, resume=resume)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from detr_train.optim import build_optimizer, build_scheduler
 from detr_train.precision import keep_deformable_attention_fp32, resolve_precision
 from detr_train.resize import size_for_epoch, validate_resize_schedule
 from detr_train.resume import ResumeTarget
+from detr_train.rundir import save_resumed_config
 from detr_train.search.reporter import reporter_for
 from detr_train.signals import GracefulStop
 
@@ -240,12 +242,11 @@ class Trainer:
 
     def save(self, *, is_best: bool = False, numbered: bool = False) -> Path:
         last = ckpt.save_checkpoint(self.checkpoint_dir / ckpt.LAST, self.state_payload())
-        # last.pt is replaced (new inode) on every save, so a hard link is a free,
-        # atomic copy that later saves never disturb.
+        # Real copies, not links: they are the fallback when last.pt itself gets damaged.
         if is_best:
-            _link_atomically(last, self.checkpoint_dir / ckpt.BEST)
+            _copy_atomically(last, self.checkpoint_dir / ckpt.BEST)
         if numbered and int(self.cfg.training.checkpoint.keep_last) > 0:
-            _link_atomically(last, self.checkpoint_dir / ckpt.numbered_name(self.progress.epoch))
+            _copy_atomically(last, self.checkpoint_dir / ckpt.numbered_name(self.progress.epoch))
             ckpt.prune_numbered(self.checkpoint_dir, int(self.cfg.training.checkpoint.keep_last))
         return last
 
@@ -342,10 +343,11 @@ class Trainer:
         return target
 
 
-def _link_atomically(source: Path, destination: Path) -> None:
+def _copy_atomically(source: Path, destination: Path) -> None:
     tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.link(source, tmp)
+    shutil.copyfile(source, tmp)
+    with tmp.open("rb+") as handle:
+        os.fsync(handle.fileno())
     os.replace(tmp, destination)
 
 
@@ -354,4 +356,6 @@ def run(cfg: DictConfig, run_dir: Path, resume: ResumeTarget | None = None) -> f
     trainer = Trainer(cfg, run_dir)
     if resume is not None:
         trainer.restore(resume)
+        # Only a resume that loaded adds anything to the run directory.
+        save_resumed_config(run_dir, cfg)
     return trainer.fit()

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 LOG_FILE = "train.log"
 
 
-def adopt_run_dir(original: Path, fresh: Path, cfg: DictConfig) -> None:
+def adopt_run_dir(original: Path, fresh: Path) -> None:
+    """Log into `original`'s log from now on and drop Hydra's `fresh` folder."""
     original, fresh = original.resolve(), fresh.resolve()
     if original == fresh:
         return
@@ -35,11 +36,16 @@ def adopt_run_dir(original: Path, fresh: Path, cfg: DictConfig) -> None:
     if formatter is not None:
         handler.setFormatter(formatter)
     root.addHandler(handler)
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    resumed_config = original / ".hydra" / f"config.resumed_{stamp}.yaml"
-    resumed_config.parent.mkdir(parents=True, exist_ok=True)
-    resumed_config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # The fresh folder only holds Hydra's bookkeeping of this invocation.
-    if not any(p.name not in (".hydra", LOG_FILE) for p in fresh.iterdir()):
+    if fresh.is_dir() and not any(p.name not in (".hydra", LOG_FILE) for p in fresh.iterdir()):
         shutil.rmtree(fresh, ignore_errors=True)
     log.info("Continuing in the original run directory %s", original)
+
+
+def save_resumed_config(run_dir: Path, cfg: DictConfig) -> Path:
+    """Keep the config of each resume next to the original one (which is never overwritten)."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    path = run_dir / ".hydra" / f"config.resumed_{stamp}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
