@@ -121,7 +121,7 @@ def test_cli_resume_with_more_epochs_continues_in_the_same_run_dir(small_run_ove
     log = (run_dir / "train.log").read_text()
     assert "epoch 2/2" in log and "epoch 3/3" in log
     assert "training.epochs changed 2 -> 3 (the new value wins)" in log
-    assert "training.lr: checkpoint 0.0004, now 0.5" in log
+    assert "training.lr: checkpoint 0.001, now 0.5" in log
     # `auto` finds the newest resumable run of the same name; nothing left to do there.
     third = run_cli(args + ["training.epochs=3", "training.resume=auto"])
     assert third.returncode == 0
