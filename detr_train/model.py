@@ -68,6 +68,26 @@ def build_model_config(model_cfg, class_names: list[str]):
     )
 
 
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the model hub cannot be reached, or None. Fails in seconds where the hub
+    client would retry for half a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set and the weights are not in the local cache"
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot reach {constants.ENDPOINT}: {exc}"
+    return None
+
+
 def _load_pretrained(source: str, class_names: list[str]):
     from transformers import DeformableDetrForObjectDetection
 
@@ -84,6 +104,14 @@ def _load_pretrained(source: str, class_names: list[str]):
     if local.suffix or source.startswith((".", "/", "~")):
         raise PretrainedUnavailableError(f"model.pretrained={source!r}: no such local folder")
     try:
+        try:
+            # A cached copy needs no network at all.
+            return DeformableDetrForObjectDetection.from_pretrained(source, local_files_only=True, **label_kwargs)
+        except OSError:
+            pass
+        endpoint_problem = _hub_unreachable()
+        if endpoint_problem:
+            raise OSError(endpoint_problem)
         return DeformableDetrForObjectDetection.from_pretrained(source, **label_kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise PretrainedUnavailableError(
