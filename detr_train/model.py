@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +125,7 @@ def _load_pretrained(source: str, class_names: list[str]):
         ) from exc
 
 
-def _group_norm_for(frozen) -> "torch.nn.GroupNorm":
-    import math
-
-    import torch
-
+def _group_norm_for(frozen) -> torch.nn.GroupNorm:
     channels = frozen.weight.shape[0]
     return torch.nn.GroupNorm(math.gcd(8, channels), channels)
 
