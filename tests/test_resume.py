@@ -163,3 +163,31 @@ def test_missing_resume_path_is_one_clear_error(tmp_path):
     result = run_cli([f"training.resume={tmp_path / 'nope.pt'}", f"output_root={tmp_path}"], timeout=120)
     assert result.returncode != 0
     assert f"checkpoint not found: {tmp_path / 'nope.pt'}" in result.stdout + result.stderr
+
+
+def test_sigterm_to_the_cli_process_checkpoints_and_auto_resume_finishes(small_run_overrides, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    args = small_run_overrides + ["training.epochs=6", "training.val_subset_size=4", "name=preempt",
+                                  "data.num_workers=1"]
+    process = subprocess.Popen([sys.executable, "-m", "detr_train", *args], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = tmp_path / "outputs" / "preempt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(runs.glob("*/metrics.jsonl")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-2000:]
+    assert "training.resume=" in output
+    (run_dir,) = runs.iterdir()
+    saved = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert 1 <= saved[ckpt.KEY_EPOCH] < 6
+    finished = run_cli(args + ["training.resume=auto"])
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert [p.name for p in runs.iterdir()] == [run_dir.name]
+    assert [r["epoch"] for r in _records(run_dir)] == [1, 2, 3, 4, 5, 6]
