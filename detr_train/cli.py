@@ -26,7 +26,7 @@ def train(cfg: DictConfig) -> float:
     fresh_dir = Path(HydraConfig.get().runtime.output_dir)
     resume = None
     if cfg.training.resume:
-        from detr_train.resume import find_resume_target, reconcile_config
+        from detr_train.resume import checkpoint_config_yaml, find_resume_target, reconcile_config
         from detr_train.rundir import adopt_run_dir
 
         resume = find_resume_target(str(cfg.training.resume), Path(str(cfg.output_root)), str(cfg.name))
@@ -36,7 +36,7 @@ def train(cfg: DictConfig) -> float:
             adopt_run_dir(resume.run_dir, fresh_dir)
             for reason in resume.skipped:
                 log.warning("skipped checkpoint: %s", reason)
-            cfg = reconcile_config(str(resume.payload["config_yaml"]), cfg)
+            cfg = reconcile_config(checkpoint_config_yaml(resume.payload), cfg)
     run_dir = resume.run_dir if resume is not None else fresh_dir
     return run(cfg, run_dir, resume=resume)
 

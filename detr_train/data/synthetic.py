@@ -8,7 +8,6 @@ reused by later runs; changed settings regenerate the folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -166,10 +165,6 @@ def generate_synthetic_dataset(root: Path, gen_cfg) -> None:
     if root.exists():
         shutil.rmtree(root)
     os.replace(staging, root)
-
-
-def settings_fingerprint(gen_cfg) -> str:
-    return hashlib.sha256(json.dumps(_settings_dict(gen_cfg), sort_keys=True).encode()).hexdigest()
 
 
 def ensure_synthetic_dataset(data_cfg) -> Path:
