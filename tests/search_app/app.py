@@ -9,13 +9,17 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = str(Path(__file__).resolve().parent)
+sys.path.insert(0, HERE)
+# submitit unpickles each job in a fresh interpreter, which must find `objective` too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
 from objective import value_at  # noqa: E402
 
 from detr_train.search.reporter import reporter_for  # noqa: E402
@@ -35,6 +39,7 @@ def main(cfg: DictConfig) -> float:
             # What detr-train does on SIGTERM: stop, save, say so, return normally.
             reporter.interrupted("SIGTERM")
             break
+        time.sleep(float(cfg.epoch_seconds))
         value = value_at(float(cfg.x), float(cfg.y), epoch)
         best, epochs_run = max(best, value), epoch
         reporter.report(epoch, value)
