@@ -61,6 +61,23 @@ def test_the_reporter_reports_to_the_stored_trial_and_prunes_with_the_stored_pru
     assert study.trials[0].user_attrs[attrs.INTERRUPTED] == "SIGTERM"
 
 
+def test_a_requeued_job_carries_on_the_trial_its_interrupted_attempt_left(study):
+    # submitit requeues a pre-empted job (max_num_timeout): the same trial, still RUNNING
+    # because the sweeper waits for the job, is reopened by the next attempt.
+    study, url = study
+    trial = study.ask()
+    first = reporter_for(_trial_cfg(url, trial.number))
+    first.report(1, 0.5)
+    first.interrupted("SIGUSR2")
+    second = reporter_for(_trial_cfg(url, trial.number))
+    second.report(2, 0.6)
+    stored = study.trials[0]
+    assert stored.user_attrs[attrs.INTERRUPTED] is None
+    assert stored.intermediate_values == {1: 0.5, 2: 0.6}
+    done = JobReturn(status=JobStatus.COMPLETED, _return_value=0.6)
+    assert judge(done, stored).state == TrialState.COMPLETE
+
+
 def test_a_finished_trial_is_not_reported_to(study, caplog):
     study, url = study
     trial = study.ask()

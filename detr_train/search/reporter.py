@@ -117,4 +117,12 @@ def _open_trial_reporter(study_name: str, storage_url: str, number: int) -> Repo
         sampler=optuna.samplers.RandomSampler(),
         pruner=build_pruner(pruner_spec),
     )
-    return TrialReporter(optuna.trial.Trial(study, trial_id))
+    trial = optuna.trial.Trial(study, trial_id)
+    earlier = trial.user_attrs.get(attrs.INTERRUPTED)
+    if earlier is not None:
+        # Still RUNNING although an earlier attempt was interrupted: the sweeper has not told
+        # the trial, so it is still waiting for this very job, which its launcher requeued
+        # (submitit's max_num_timeout). This attempt resumes the run; its outcome is the trial's.
+        trial.set_user_attr(attrs.INTERRUPTED, None)
+        log.info("Optuna trial %d: requeued after '%s', carrying on", number, earlier)
+    return TrialReporter(trial)
