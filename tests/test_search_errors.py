@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 import pytest
 from search_app.harness import run_app
 
@@ -40,6 +42,12 @@ SPACE = ("x=interval(0, 1)", "y=interval(0, 1)")
             (*SPACE, "hydra.sweeper.storage='postgresql://user:secret@127.0.0.1:1/optuna'"),
             "Cannot open the Optuna storage 'postgresql://user:***@127.0.0.1:1/optuna'",
             id="unreachable-postgresql",
+        ),
+        pytest.param(
+            (*SPACE, "hydra.sweeper.storage='postgresql+psycopg2://user:secret@127.0.0.1:1/optuna'"),
+            "Cannot open the Optuna storage 'postgresql+psycopg2://user:***@127.0.0.1:1/optuna': OperationalError",
+            id="unreachable-postgresql-server",
+            marks=pytest.mark.skipif(find_spec("psycopg2") is None, reason="needs psycopg2 (the postgres extra)"),
         ),
         pytest.param(
             (*SPACE, "hydra/sweeper/sampler=grid"),

@@ -44,13 +44,17 @@ def run_search(sweeper: OptunaSearchSweeper, arguments: list[str]) -> list[Seque
 
 
 class SearchSession:
-    def __init__(self, sweeper: OptunaSearchSweeper, study: optuna.Study, space: SearchSpace, storage_url: str, target: int, sweep_dir: Path) -> None:
+    def __init__(
+        self, sweeper: OptunaSearchSweeper, study: optuna.Study, space: SearchSpace, storage_url: str, target: int,
+        sweep_dir: Path, stored_at_open: int = 0,
+    ) -> None:
         self.sweeper = sweeper
         self.study = study
         self.space = space
         self.storage_url = storage_url
         self.target = target
         self.sweep_dir = sweep_dir
+        self.stored_at_open = stored_at_open
 
     @classmethod
     def open(cls, sweeper: OptunaSearchSweeper, arguments: list[str]) -> SearchSession:
@@ -66,7 +70,8 @@ class SearchSession:
         storage_url = resolve_storage_url(settings.storage, sweep_dir)
         storage = open_storage(storage_url)
         study_name = settings.study_name or sweep_dir.name
-        sampler = build_sampler(settings.sampler, space, seed_offset=count_trials(storage, study_name))
+        stored = count_trials(storage, study_name)
+        sampler = build_sampler(settings.sampler, space, seed_offset=stored)
         try:
             study = optuna.create_study(
                 study_name=study_name,
@@ -92,7 +97,7 @@ class SearchSession:
         log.info("Sampler %s, pruner %s, direction %s", type(sampler).__name__, (pruner_config or {}).get("_target_"), settings.direction)
         for line in describe(space):
             log.info("  %s", line)
-        return cls(sweeper, study, space, storage_url, target, sweep_dir)
+        return cls(sweeper, study, space, storage_url, target, sweep_dir, stored_at_open=stored)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -128,10 +133,18 @@ class SearchSession:
         return returns
 
     def _missing(self) -> int:
+        trials = self.study.get_trials(deepcopy=False)
         # A trial cut short by a signal says nothing about its configuration: it does not
         # count, so a resumed sweep runs another in its place.
-        counted = [t for t in self.study.get_trials(deepcopy=False, states=FINISHED) if attrs.INTERRUPTED not in t.user_attrs]
-        return self.target - len(counted)
+        counted = [t for t in trials if t.state in FINISHED and attrs.INTERRUPTED not in t.user_attrs]
+        # Several sweeps may share one study (the same command on several machines): a trial
+        # another sweep is running counts too, or each sweep would ask for the last missing
+        # trials and the study would overshoot n_trials by a batch per sweep. Only trials asked
+        # since this sweep opened count: one left RUNNING by an earlier sweep that was killed
+        # outright has nobody running it, and a re-run must replace it. (Our own trials are
+        # all told by the time this is called.)
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.number >= self.stored_at_open]
+        return self.target - len(counted) - len(running)
 
     def _run_batch(self, batch: list[Trial]) -> tuple[list[JobReturn], list[Outcome]]:
         results: list[JobReturn] = []

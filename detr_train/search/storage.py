@@ -13,6 +13,7 @@ same thing in any process on any machine that sees the same files:
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
@@ -52,7 +53,7 @@ def open_storage(url: str) -> BaseStorage:
         if url.startswith("redis://") or url.startswith("rediss://"):
             return JournalStorage(JournalRedisBackend(url))
         if "://" in url:
-            return RDBStorage(url)
+            return _open_rdb(url)
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
@@ -60,7 +61,25 @@ def open_storage(url: str) -> BaseStorage:
         cause = f"{type(error).__name__}: {error}"
         if error.__cause__ is not None:
             cause += f" ({type(error.__cause__).__name__}: {error.__cause__})"
+        if isinstance(error, ImportError) and url.startswith("postgresql"):
+            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, 2.0 to psycopg2: naming
+            # the driver makes the URL mean the same with either.
+            cause += "; install the driver with pip install -e '.[postgres]' and write the URL as postgresql+psycopg2://..."
         raise SearchConfigError(f"Cannot open the Optuna storage {redact(url)}: {cause}") from error
+
+
+def _open_rdb(url: str) -> RDBStorage:
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    try:
+        return RDBStorage(url)
+    except (IntegrityError, ProgrammingError):
+        # Sweeps started together on an empty database (several machines, one command) all
+        # create Optuna's tables; the losers fail with "already exists". A moment later the
+        # tables are there and a second try just opens them. Connection errors are not retried.
+        log.info("Optuna's tables were being created by another process; opening %s again", redact(url))
+        time.sleep(1.0)
+        return RDBStorage(url)
 
 
 def count_trials(storage: BaseStorage, study_name: str) -> int:
