@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from detr_train.evaluation import coco_evaluate
+from detr_train.distributed import SINGLE_PROCESS, DistContext, gathered_coco_evaluate
 from detr_train.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,16 @@ def train_one_epoch(
     first_batch: int = 0,
     total_batches: int | None = None,
     step_hook: Callable[[int], bool] | None = None,
+    any_rank: Callable[[bool], bool] = lambda flag: flag,
+    backward_on_skip: bool = False,
 ) -> dict[str, float]:
     """Train over `batches`; returns mean losses plus timing.
 
     `step_hook(batch_index)` runs after every optimiser step and returns True to end the
-    epoch early (the caller then checkpoints the exact position).
+    epoch early (the caller then checkpoints the exact position). Under DDP, `any_rank`
+    makes the skip decision for a non-finite loss collective, and `backward_on_skip`
+    still runs the backward pass of a skipped step so that every rank joins the
+    gradient all-reduce; the gradients are then thrown away.
     """
     model.train()
     data_wait = 0.0
@@ -133,7 +138,9 @@ def train_one_epoch(
         with precision.autocast():
             outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
         losses = _loss_components(outputs)
-        if not math.isfinite(losses["loss"]):
+        if any_rank(not math.isfinite(losses["loss"])):
+            if backward_on_skip:
+                outputs.loss.backward()
             optimizer.zero_grad(set_to_none=True)
             _handle_nonfinite(losses["loss"], meter, settings, f"epoch {epoch}, batch {batch_index}")
         else:
@@ -220,11 +227,12 @@ def predict(
 
 
 def evaluate(
-    model, batches, image_processor, precision, device, coco_gt, image_ids, label_to_category, *, progress=False
+    model, batches, image_processor, precision, device, coco_gt, image_ids, label_to_category, *, progress=False,
+    dist_ctx: DistContext = SINGLE_PROCESS,
 ) -> dict:
-    """Predict on `batches` and score with COCOeval restricted to `image_ids`."""
+    """Predict on `batches` (this rank's shard) and score with COCOeval restricted to `image_ids`."""
     start = time.perf_counter()
     detections = predict(model, batches, image_processor, precision, device, label_to_category, progress=progress)
-    metrics = coco_evaluate(coco_gt, detections, image_ids)
+    metrics = gathered_coco_evaluate(coco_gt, detections, image_ids, dist_ctx)
     metrics["eval_time"] = time.perf_counter() - start
     return metrics

@@ -20,10 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from detr_train import checkpoint as ckpt
+from detr_train import distributed
 from detr_train.data.coco import CocoDetectionDataset
 from detr_train.data.collate import DetrCollator
 from detr_train.data.sampling import EpochBatchSampler, select_training_images
 from detr_train.data.sources import DatasetError, prepare_dataset
+from detr_train.distributed import SINGLE_PROCESS, DistContext
 from detr_train.engine import LossMeter, StepSettings, evaluate, train_one_epoch
 from detr_train.evaluation import format_per_class_table, load_coco_ground_truth
 from detr_train.metrics_log import MetricsLog
@@ -145,31 +147,40 @@ def _loader(dataset, batch_sampler, collator, data_cfg, seed: int, device: torch
 class Trainer:
     """Holds the stateful parts of a run and the checkpoint contract between them."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, dist_ctx: DistContext = SINGLE_PROCESS):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.dist = dist_ctx
         train_cfg = cfg.training
         self.resize_schedule = validate_resize_schedule(
             OmegaConf.to_container(train_cfg.resize_schedule) if train_cfg.resize_schedule is not None else None
         )
         self.epochs = _cap(int(train_cfg.epochs), cfg.budget.max_epochs)
-        self.device = resolve_device(str(train_cfg.device))
+        self.device = distributed.device_for(dist_ctx, resolve_device(str(train_cfg.device)))
+        # The same seed on every rank: identical initial weights and augmentation streams.
         seed_everything(int(train_cfg.seed))
-        self.data = build_data(cfg)
+        # Rank 0 generates/converts the dataset and fills the weight cache; the others reuse them.
+        with distributed.main_first(dist_ctx):
+            self.data = build_data(cfg)
+            self.model = build_model(cfg.model, self.data.class_names).to(self.device)
         self.processor = build_image_processor(int(cfg.data.eval_size), float(cfg.data.max_size_ratio))
-        self.model = build_model(cfg.model, self.data.class_names).to(self.device)
         self.precision = resolve_precision(bool(train_cfg.amp), str(train_cfg.amp_dtype), self.device)
         if self.precision.enabled:
             keep_deformable_attention_fp32(self.model)
+        # What the training step calls: the DDP wrapper (which averages gradients) or the model itself.
+        self.train_model = distributed.wrap_ddp(self.model, dist_ctx, self.device, cfg.training.get("ddp"))
         collator = DetrCollator(self.processor, float(cfg.data.max_size_ratio))
         self.train_sampler = EpochBatchSampler(
             len(self.data.train), int(train_cfg.batch_size), shuffle=not bool(train_cfg.overfit),
             seed=int(train_cfg.seed),
             size_for_epoch=lambda e: size_for_epoch(self.resize_schedule, e, int(cfg.data.image_size)),
+            rank=dist_ctx.rank, world_size=dist_ctx.world_size,
         )
         eval_size = int(cfg.data.eval_size)
+        # Evaluation shards are not padded: a repeated image would count twice in COCOeval.
         self.val_sampler = EpochBatchSampler(
-            len(self.data.val), int(train_cfg.batch_size), shuffle=False, seed=0, size_for_epoch=lambda e: eval_size
+            len(self.data.val), int(train_cfg.batch_size), shuffle=False, seed=0, size_for_epoch=lambda e: eval_size,
+            rank=dist_ctx.rank, world_size=dist_ctx.world_size, pad=False,
         )
         self.train_loader = _loader(self.data.train, self.train_sampler, collator, cfg.data, int(train_cfg.seed), self.device)
         self.val_loader = _loader(self.data.val, self.val_sampler, collator, cfg.data, int(train_cfg.seed), self.device)
@@ -209,8 +220,8 @@ class Trainer:
             ckpt.KEY_RNG: ckpt.capture_rng_state(),
             ckpt.KEY_CONFIG_YAML: OmegaConf.to_yaml(self.cfg, resolve=True),
             ckpt.KEY_CLASS_NAMES: list(self.data.class_names),
-            ckpt.KEY_WORLD_SIZE: 1,
-            ckpt.KEY_EFFECTIVE_BATCH_SIZE: int(self.cfg.training.batch_size),
+            ckpt.KEY_WORLD_SIZE: self.dist.world_size,
+            ckpt.KEY_EFFECTIVE_BATCH_SIZE: int(self.cfg.training.batch_size) * self.dist.world_size,
         }
 
     def restore(self, target: ResumeTarget) -> None:
@@ -233,14 +244,39 @@ class Trainer:
         if self.progress.batch_in_epoch and ckpt.KEY_LOSS_METER in payload:
             self.meter.load_state_dict(payload[ckpt.KEY_LOSS_METER])
         ckpt.restore_rng_state(payload[ckpt.KEY_RNG])
-        dropped = self.metrics_log.truncate_after(self.progress.epoch)
+        saved_world_size = int(payload.get(ckpt.KEY_WORLD_SIZE, 1))
+        if saved_world_size != self.dist.world_size:
+            self._continue_with_another_world_size(saved_world_size)
+        dropped = self.metrics_log.truncate_after(self.progress.epoch) if self.dist.is_main else 0
         if dropped:
             log.warning("metrics.jsonl had %d epoch(s) newer than the checkpoint; dropped them", dropped)
         where = (f"epoch {self.progress.epoch + 1}, batch {self.progress.batch_in_epoch}"
                  if self.progress.batch_in_epoch else f"the start of epoch {self.progress.epoch + 1}")
         log.info("Resumed from %s (global step %d); continuing at %s", target.checkpoint, self.progress.global_step, where)
 
-    def save(self, *, is_best: bool = False, numbered: bool = False) -> Path:
+    def _continue_with_another_world_size(self, saved_world_size: int) -> None:
+        """Map the position in the epoch and the LR schedule onto this run's steps per epoch.
+
+        Every rank walks its strided share of one global order per epoch, so `b` batches
+        on `n` ranks have used the first b x batch x n images of that order, whatever `n` is.
+        """
+        batch_size = int(self.cfg.training.batch_size)
+        used = self.progress.batch_in_epoch * batch_size * saved_world_size
+        batch_in_epoch = min(used // (batch_size * self.dist.world_size), self.steps_per_epoch)
+        step = self.progress.epoch * self.steps_per_epoch + batch_in_epoch
+        log.warning(
+            "resume: the checkpoint was written by %d process(es) (effective batch %d), this run has %d "
+            "(effective batch %d); continuing epoch %d at batch %d of %d and the LR schedule at step %d "
+            "(was %d). The learning rate is not rescaled.",
+            saved_world_size, batch_size * saved_world_size, self.dist.world_size, batch_size * self.dist.world_size,
+            self.progress.epoch + 1, batch_in_epoch, self.steps_per_epoch, step, self.progress.global_step,
+        )
+        self.progress.batch_in_epoch, self.progress.global_step = batch_in_epoch, step
+        move_scheduler_to(self.scheduler, step)
+
+    def save(self, *, is_best: bool = False, numbered: bool = False) -> Path | None:
+        if not self.dist.is_main:
+            return None
         last = ckpt.save_checkpoint(self.checkpoint_dir / ckpt.LAST, self.state_payload())
         # Real copies, not links: they are the fallback when last.pt itself gets damaged.
         if is_best:
@@ -258,8 +294,9 @@ class Trainer:
 
     def fit(self) -> float:
         # A no-op outside a search; inside one, it talks to the trial in the study's storage.
-        reporter = reporter_for(self.cfg.get("trial"))
+        reporter = reporter_for(self.cfg.get("trial") if self.dist.is_main else None)
         every_n_steps = int(self.cfg.training.checkpoint.every_n_steps)
+        check_replicas_every = int((self.cfg.training.get("ddp") or {}).get("check_replicas_every", 0) or 0)
         with GracefulStop() as stop:
             for epoch in range(self.progress.epoch + 1, self.epochs + 1):
                 start_batch = self.progress.batch_in_epoch
@@ -274,23 +311,30 @@ class Trainer:
                     self.progress.global_step += 1
                     self.progress.batch_in_epoch = batch_index + 1
                     unfinished = batch_index + 1 < self.steps_per_epoch
+                    if check_replicas_every and self.progress.global_step % check_replicas_every == 0:
+                        distributed.check_replicas(self.model, self.dist, self.progress.global_step)
                     if unfinished and every_n_steps and self.progress.global_step % every_n_steps == 0:
                         self.save()
-                    return unfinished and stop.requested is not None
+                    # Every rank must leave the epoch at the same step, whichever got the signal.
+                    return distributed.any_rank(stop.requested is not None, self.dist) and unfinished
 
                 train_metrics = train_one_epoch(
-                    self.model, self.train_loader, self.optimizer, self.scheduler, self.precision, self.device,
+                    self.train_model, self.train_loader, self.optimizer, self.scheduler, self.precision, self.device,
                     self.settings, self.meter, epoch=epoch, first_batch=start_batch,
                     total_batches=self.steps_per_epoch, step_hook=step_hook,
+                    any_rank=lambda flag: distributed.any_rank(flag, self.dist),
+                    backward_on_skip=self.dist.enabled,
                 )
                 if self.progress.batch_in_epoch < self.steps_per_epoch:
                     self.save()
-                    reporter.interrupted(str(stop.requested))
+                    reason = str(stop.requested or "a signal to another rank")
+                    reporter.interrupted(reason)
                     log.warning(
                         "Stopped by %s at epoch %d, batch %d/%d; checkpoint saved. Resume with:\n"
-                        "  detr-train training.resume=%s", stop.requested, epoch, self.progress.batch_in_epoch,
+                        "  detr-train training.resume=%s", reason, epoch, self.progress.batch_in_epoch,
                         self.steps_per_epoch, self.run_dir,
                     )
+                    stop.hand_over()
                     return max(self.progress.best_metric, 0.0)
                 self.progress.epoch, self.progress.batch_in_epoch = epoch, 0
                 record = {"epoch": epoch, "global_step": self.progress.global_step, "lr": lr,
@@ -300,27 +344,30 @@ class Trainer:
                     metrics = evaluate(
                         self.model, self.val_loader, self.processor, self.precision, self.device, self.coco_gt,
                         self.data.val.image_ids, self.data.train.categories.category_id,
-                        progress=self.settings.progress,
+                        progress=self.settings.progress, dist_ctx=self.dist,
                     )
                     record.update(metrics)
                 record["epoch_time"] = time.perf_counter() - started
                 is_best = metrics is not None and metrics["map"] > self.progress.best_metric
                 if is_best:
                     self.progress.best_metric, self.progress.best_epoch = metrics["map"], epoch
-                self.metrics_log.append(record)
+                if self.dist.is_main:
+                    self.metrics_log.append(record)
                 self._log_epoch(record, metrics)
                 self.save(is_best=is_best, numbered=True)
                 if metrics is not None:
                     reporter.report(epoch, metrics["map"])
-                    if reporter.should_prune():
+                    if distributed.broadcast_from_main(reporter.should_prune(), self.dist):
                         log.info("Trial pruned by the search after epoch %d (mAP %.4f)", epoch, metrics["map"])
                         break
-                if stop.requested is not None and epoch < self.epochs:
-                    reporter.interrupted(str(stop.requested))
+                if distributed.any_rank(stop.requested is not None, self.dist) and epoch < self.epochs:
+                    reason = str(stop.requested or "a signal to another rank")
+                    reporter.interrupted(reason)
                     log.warning("Stopped by %s after epoch %d; resume with:\n  detr-train training.resume=%s",
-                                stop.requested, epoch, self.run_dir)
+                                reason, epoch, self.run_dir)
+                    stop.hand_over()
                     break
-        if bool(self.cfg.training.export_hf):
+        if bool(self.cfg.training.export_hf) and self.dist.is_main:
             self.export_hf()
         log.info("Best validation mAP %.4f at epoch %d", self.progress.best_metric, self.progress.best_epoch)
         return max(self.progress.best_metric, 0.0)
@@ -351,11 +398,22 @@ def _copy_atomically(source: Path, destination: Path) -> None:
     os.replace(tmp, destination)
 
 
-def run(cfg: DictConfig, run_dir: Path, resume: ResumeTarget | None = None) -> float:
-    """Train as configured, writing into `run_dir`; returns the best validation mAP."""
-    trainer = Trainer(cfg, run_dir)
+def move_scheduler_to(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a LambdaLR at `step` and set the learning rates it gives there."""
+    scheduler.last_epoch = step
+    for group, factor, base_lr in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group["lr"] = base_lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def run(
+    cfg: DictConfig, run_dir: Path, resume: ResumeTarget | None = None, dist_ctx: DistContext = SINGLE_PROCESS
+) -> float:
+    """Train as configured, writing into `run_dir` (rank 0 only); returns the best validation mAP."""
+    trainer = Trainer(cfg, run_dir, dist_ctx)
     if resume is not None:
         trainer.restore(resume)
         # Only a resume that loaded adds anything to the run directory.
-        save_resumed_config(run_dir, cfg)
+        if dist_ctx.is_main:
+            save_resumed_config(run_dir, cfg)
     return trainer.fit()

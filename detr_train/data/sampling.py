@@ -71,6 +71,7 @@ class EpochBatchSampler(Sampler[list[SampleRequest]]):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        pad: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"training.batch_size must be >= 1, got {batch_size}")
@@ -82,6 +83,7 @@ class EpochBatchSampler(Sampler[list[SampleRequest]]):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.pad = pad
         self.epoch = 1
         self.start_batch = 0
 
@@ -97,14 +99,20 @@ class EpochBatchSampler(Sampler[list[SampleRequest]]):
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         if self.world_size > 1:
-            # Pad so every rank gets the same number of batches (DDP needs lockstep).
-            per_rank = -(-len(order) // self.world_size)
-            order = (order * 2)[: per_rank * self.world_size]
+            if self.pad:
+                # Pad so every rank gets the same number of batches (DDP needs lockstep).
+                per_rank = -(-len(order) // self.world_size)
+                order = (order * 2)[: per_rank * self.world_size]
             order = order[self.rank :: self.world_size]
         return order
 
+    def _samples_on_this_rank(self) -> int:
+        if self.pad:
+            return -(-self.num_samples // self.world_size)
+        return len(range(self.rank, self.num_samples, self.world_size))
+
     def batches_per_epoch(self) -> int:
-        per_rank = -(-self.num_samples // self.world_size)
+        per_rank = self._samples_on_this_rank()
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[list[SampleRequest]]:
