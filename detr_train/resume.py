@@ -68,6 +68,19 @@ def _from_run_dir(run_dir: Path) -> ResumeTarget:
     return ResumeTarget(path, payload, run_dir, skipped)
 
 
+def resume_in_place(run_dir: Path) -> ResumeTarget | None:
+    """The run already in `run_dir`, if any: None for an empty (new) run dir.
+
+    A run dir that holds checkpoints, none of them intact, is an error rather than a
+    fresh start: starting over would overwrite what is left of that run.
+    """
+    if not candidate_checkpoints(run_dir / "checkpoints"):
+        return None
+    target = _from_run_dir(run_dir)
+    log.info("%s already holds a run; continuing it from %s", run_dir, target.checkpoint.name)
+    return target
+
+
 def run_dir_of(checkpoint: Path) -> Path:
     """Checkpoints live in <run_dir>/checkpoints/; a file elsewhere is its own run dir's."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent

@@ -8,7 +8,10 @@ import threading
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+# SIGUSR1/SIGUSR2 are what SLURM (--signal) and submitit send ahead of a time limit or pre-emption.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+)
 
 
 class GracefulStop:
@@ -16,10 +19,13 @@ class GracefulStop:
 
     The training loop polls `requested` after each optimiser step. A second SIGINT
     (impatient Ctrl-C) restores the default behaviour and interrupts at once.
+    Once the checkpoint is written, `hand_over()` passes the signal on to whoever
+    handled it before us: under submitit that handler requeues the job.
     """
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self._requested_signum: int | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
@@ -27,6 +33,7 @@ class GracefulStop:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = name
+        self._requested_signum = signum
         log.warning("%s received: finishing the current step, then saving a checkpoint", name)
 
     def __enter__(self) -> "GracefulStop":
@@ -34,6 +41,20 @@ class GracefulStop:
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def hand_over(self) -> None:
+        """Call the handler that was installed before ours for the received signal, if it was Python code.
+
+        SIGINT is not passed on: its previous handler raises KeyboardInterrupt, and the
+        run has already stopped cleanly.
+        """
+        signum = self._requested_signum
+        previous = self._previous.get(signum) if signum is not None else None
+        if signum == signal.SIGINT or not callable(previous):
+            return
+        log.info("passing %s on to the handler installed before detr-train's", signal.Signals(signum).name)
+        self.__exit__(None, None, None)
+        previous(signum, None)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

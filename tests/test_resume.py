@@ -191,3 +191,54 @@ def test_sigterm_to_the_cli_process_checkpoints_and_auto_resume_finishes(small_r
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert [p.name for p in runs.iterdir()] == [run_dir.name]
     assert [r["epoch"] for r in _records(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_requeued_job_started_again_without_a_resume_path_continues_mid_epoch(small_run_overrides, tmp_path):
+    """SLURM requeues a pre-empted job with the same command and job id: no path to type."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    args = small_run_overrides + ["training.epochs=3", "training.val_subset_size=4", "name=requeue"]
+    env = dict(os.environ, SLURM_JOB_ID="4242")
+    process = subprocess.Popen([sys.executable, "-m", "detr_train", *args], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "outputs" / "requeue" / "slurm_4242"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)  # past epoch 1's checkpoint, a few steps into epoch 2 (12 steps of ~0.2 s)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-2000:]
+    stopped = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    # Stopped inside epoch 2, not at an epoch boundary.
+    assert stopped[ckpt.KEY_EPOCH] == 1 and stopped[ckpt.KEY_BATCH_IN_EPOCH] > 0
+
+    again = run_cli(args, env={"SLURM_JOB_ID": "4242"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    log_text = (run_dir / "train.log").read_text()
+    assert "already holds a run; continuing it from last.pt" in log_text
+    assert f"continuing at epoch 2, batch {stopped[ckpt.KEY_BATCH_IN_EPOCH]}" in log_text
+    assert [p.name for p in run_dir.parent.iterdir()] == ["slurm_4242"]
+    assert [r["epoch"] for r in _records(run_dir)] == [1, 2, 3]
+    final = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert final[ckpt.KEY_GLOBAL_STEP] == 3 * 12  # 48 images / batch 4, every step taken exactly once
+
+
+def test_a_stop_signal_is_passed_on_to_the_previous_handler_after_the_checkpoint():
+    """Under submitit the previous SIGUSR2 handler is the one that requeues the job."""
+    from detr_train.signals import GracefulStop
+
+    received = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
+    try:
+        with GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop.requested == "SIGUSR2" and received == []  # only noted while training
+            stop.hand_over()
+            assert received == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
