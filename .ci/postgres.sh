@@ -65,7 +65,7 @@ start_postgres() {
     "$PG_BIN/psql" -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres \
         -c "CREATE ROLE $user LOGIN PASSWORD '$password'" \
         -c "CREATE DATABASE $db OWNER $user" >/dev/null
-    export DETR_TRAIN_TEST_POSTGRES_URL="postgresql+psycopg2://$user:$password@127.0.0.1:$port/$db"
+    export DETR_TRAIN_TEST_POSTGRES_URL="postgresql://$user:$password@127.0.0.1:$port/$db"
     export DETR_TRAIN_REQUIRE_POSTGRES=1
     echo "ci: PostgreSQL on 127.0.0.1:$port (data in $PG_TMP)" >&2
 }

@@ -1,6 +1,6 @@
 """One study shared by several sweeps through PostgreSQL, as on several machines.
 
-Needs a server: DETR_TRAIN_TEST_POSTGRES_URL=postgresql+psycopg2://user:pw@host:port/db
+Needs a server: DETR_TRAIN_TEST_POSTGRES_URL=postgresql://user:pw@host:port/db
 (.ci/run starts a throwaway one). Skipped without it, unless DETR_TRAIN_REQUIRE_POSTGRES=1.
 """
 
@@ -32,7 +32,7 @@ def postgres_url() -> str:
     if not url:
         if required:
             pytest.fail(f"DETR_TRAIN_REQUIRE_POSTGRES=1 but {URL_VARIABLE} is not set (.ci/run sets both)")
-        pytest.skip(f"set {URL_VARIABLE}=postgresql+psycopg2://user:pw@host:port/db to run")
+        pytest.skip(f"set {URL_VARIABLE}=postgresql://user:pw@host:port/db to run")
     try:
         import psycopg2  # noqa: F401
     except ImportError:

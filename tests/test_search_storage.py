@@ -105,5 +105,17 @@ def test_storage_strings_are_made_absolute_for_jobs_in_other_directories(tmp_pat
     assert resolve_storage_url("study.log", Path("x")) == str(tmp_path / "study.log")
     assert resolve_storage_url("sqlite:///study.db", Path("x")) == f"sqlite:///{tmp_path / 'study.db'}"
     assert resolve_storage_url("sqlite:////abs/study.db", Path("x")) == "sqlite:////abs/study.db"
-    assert resolve_storage_url("postgresql://u:pw@db/optuna", Path("x")) == "postgresql://u:pw@db/optuna"
+    assert resolve_storage_url("postgresql+psycopg2://u:pw@db/optuna", Path("x")) == "postgresql+psycopg2://u:pw@db/optuna"
+
+
+def test_a_bare_postgresql_url_names_the_installed_driver(monkeypatch):
+    import importlib.util
+
+    installed = {"psycopg2"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert resolve_storage_url("postgresql://u:pw@db/optuna", Path("x")) == "postgresql+psycopg2://u:pw@db/optuna"
+    installed.add("psycopg")
+    assert resolve_storage_url("postgres://u@db/optuna", Path("x")) == "postgresql+psycopg://u@db/optuna"
+    installed.clear()  # no driver: left alone, and opening it says what to install
+    assert resolve_storage_url("postgresql://u@db/optuna", Path("x")) == "postgresql://u@db/optuna"
     assert "pw" not in redact("postgresql://u:pw@db/optuna")

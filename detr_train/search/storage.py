@@ -12,6 +12,7 @@ same thing in any process on any machine that sees the same files:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -41,7 +42,22 @@ def resolve_storage_url(storage: str | None, sweep_dir: Path) -> str:
             return "sqlite:///" + str(Path(relative).resolve())
     if "://" not in storage:
         return str(Path(storage).expanduser().resolve())
-    return storage
+    return with_installed_postgres_driver(storage)
+
+
+def with_installed_postgres_driver(url: str) -> str:
+    """A bare `postgresql://` URL made explicit about the driver that is installed here.
+
+    SQLAlchemy 2.0 reads a bare URL as psycopg2, 2.1 as psycopg 3: naming whichever
+    driver is importable makes `postgresql://...` work with either, and every job then
+    receives the same explicit URL.
+    """
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            for module, dialect in (("psycopg", "postgresql+psycopg://"), ("psycopg2", "postgresql+psycopg2://")):
+                if importlib.util.find_spec(module) is not None:
+                    return dialect + url[len(bare) :]
+    return url
 
 
 def open_storage(url: str) -> BaseStorage:
@@ -62,15 +78,14 @@ def open_storage(url: str) -> BaseStorage:
         if error.__cause__ is not None:
             cause += f" ({type(error.__cause__).__name__}: {error.__cause__})"
         if isinstance(error, ImportError) and url.startswith("postgresql"):
-            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, 2.0 to psycopg2: naming
-            # the driver makes the URL mean the same with either.
-            cause += "; install the driver with pip install -e '.[postgres]' and write the URL as postgresql+psycopg2://..."
+            cause += "; install a PostgreSQL driver: pip install -e '.[postgres]'"
         raise SearchConfigError(f"Cannot open the Optuna storage {redact(url)}: {cause}") from error
 
 
 def _open_rdb(url: str) -> RDBStorage:
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
+    url = with_installed_postgres_driver(url)
     try:
         return RDBStorage(url)
     except (IntegrityError, ProgrammingError):
