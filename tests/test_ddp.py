@@ -75,6 +75,37 @@ def test_gathered_evaluation_equals_a_single_process_evaluation(synthetic_root, 
     assert rank1 == rank0  # every rank gets the metrics, so pruning and "best" agree
 
 
+def _divergence_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from detr_train.distributed import DistContext, ReplicaDivergenceError, check_replicas
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        ctx = DistContext(rank, world_size, rank)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        check_replicas(model, ctx, step=1)  # identical: passes
+        if rank == 1:
+            with torch.no_grad():
+                model.bias[0] += 1e-6
+        try:
+            check_replicas(model, ctx, step=2)
+            outcome = "passed"
+        except ReplicaDivergenceError as error:
+            outcome = str(error)
+        Path(out, f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_diverged_replicas_are_reported_on_every_rank(tmp_path):
+    mp.spawn(_divergence_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith("DDP replicas diverged at step 2")
+
+
 @pytest.mark.parametrize("world_size,batch_size,batches_done", [(2, 4, 3), (2, 3, 5), (3, 2, 4)])
 def test_batches_on_n_ranks_use_the_same_images_as_on_one(world_size, batch_size, batches_done):
     """What lets a checkpoint written by N processes resume in 1: the same images are used up."""
