@@ -137,15 +137,17 @@ def quiet_non_main_logging(ctx: DistContext) -> None:
         handler.setFormatter(logging.Formatter(f"[rank {ctx.rank}][%(name)s][%(levelname)s] - %(message)s"))
 
 
-def wrap_ddp(model: torch.nn.Module, ctx: DistContext, device: torch.device, ddp_cfg: Any) -> torch.nn.Module:
+def wrap_ddp(
+    model: torch.nn.Module, ctx: DistContext, device: torch.device, *, find_unused_parameters: bool = False
+) -> torch.nn.Module:
     """`model` wrapped in DistributedDataParallel under torchrun; the model itself otherwise."""
     if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    find_unused = bool((ddp_cfg or {}).get("find_unused_parameters", False))
     return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
     )
 
 

@@ -168,7 +168,10 @@ class Trainer:
         if self.precision.enabled:
             keep_deformable_attention_fp32(self.model)
         # What the training step calls: the DDP wrapper (which averages gradients) or the model itself.
-        self.train_model = distributed.wrap_ddp(self.model, dist_ctx, self.device, cfg.training.get("ddp"))
+        self.train_model = distributed.wrap_ddp(
+            self.model, dist_ctx, self.device,
+            find_unused_parameters=bool(OmegaConf.select(cfg, "training.ddp.find_unused_parameters", default=False)),
+        )
         collator = DetrCollator(self.processor, float(cfg.data.max_size_ratio))
         self.train_sampler = EpochBatchSampler(
             len(self.data.train), int(train_cfg.batch_size), shuffle=not bool(train_cfg.overfit),
@@ -296,7 +299,8 @@ class Trainer:
         # A no-op outside a search; inside one, it talks to the trial in the study's storage.
         reporter = reporter_for(self.cfg.get("trial") if self.dist.is_main else None)
         every_n_steps = int(self.cfg.training.checkpoint.every_n_steps)
-        check_replicas_every = int((self.cfg.training.get("ddp") or {}).get("check_replicas_every", 0) or 0)
+        # select(): configs saved before the ddp keys existed lack them.
+        check_replicas_every = int(OmegaConf.select(self.cfg, "training.ddp.check_replicas_every", default=0) or 0)
         with GracefulStop() as stop:
             for epoch in range(self.progress.epoch + 1, self.epochs + 1):
                 start_batch = self.progress.batch_in_epoch
@@ -327,14 +331,9 @@ class Trainer:
                 )
                 if self.progress.batch_in_epoch < self.steps_per_epoch:
                     self.save()
-                    reason = str(stop.requested or "a signal to another rank")
-                    reporter.interrupted(reason)
-                    log.warning(
-                        "Stopped by %s at epoch %d, batch %d/%d; checkpoint saved. Resume with:\n"
-                        "  detr-train training.resume=%s", reason, epoch, self.progress.batch_in_epoch,
-                        self.steps_per_epoch, self.run_dir,
+                    self._stop_for_signal(
+                        stop, reporter, f"at epoch {epoch}, batch {self.progress.batch_in_epoch}/{self.steps_per_epoch}"
                     )
-                    stop.hand_over()
                     return max(self.progress.best_metric, 0.0)
                 self.progress.epoch, self.progress.batch_in_epoch = epoch, 0
                 record = {"epoch": epoch, "global_step": self.progress.global_step, "lr": lr,
@@ -361,16 +360,20 @@ class Trainer:
                         log.info("Trial pruned by the search after epoch %d (mAP %.4f)", epoch, metrics["map"])
                         break
                 if distributed.any_rank(stop.requested is not None, self.dist) and epoch < self.epochs:
-                    reason = str(stop.requested or "a signal to another rank")
-                    reporter.interrupted(reason)
-                    log.warning("Stopped by %s after epoch %d; resume with:\n  detr-train training.resume=%s",
-                                reason, epoch, self.run_dir)
-                    stop.hand_over()
+                    self._stop_for_signal(stop, reporter, f"after epoch {epoch}")
                     break
         if bool(self.cfg.training.export_hf) and self.dist.is_main:
             self.export_hf()
         log.info("Best validation mAP %.4f at epoch %d", self.progress.best_metric, self.progress.best_epoch)
         return max(self.progress.best_metric, 0.0)
+
+    def _stop_for_signal(self, stop: GracefulStop, reporter, where: str) -> None:
+        """After the checkpoint: tell the trial, say how to resume, pass the signal on (submitit requeues)."""
+        reason = str(stop.requested or "a signal to another rank")
+        reporter.interrupted(reason)
+        log.warning("Stopped by %s %s; checkpoint saved. Resume with:\n  detr-train training.resume=%s",
+                    reason, where, self.run_dir)
+        stop.hand_over()
 
     def _log_epoch(self, record: dict, metrics: dict | None) -> None:
         line = (f"epoch {record['epoch']}/{self.epochs}: loss {record.get('train_loss', float('nan')):.4f}, "
