@@ -10,6 +10,11 @@ of each. Target: at most 0.6 of the epochs, with a best mAP within 5% of the unp
 
 Anything after the options is passed to both sweeps as Hydra overrides; `-P` overrides
 go to the pruned sweep only (the unpruned one uses `hydra/sweeper/pruner=nop`).
+
+To compare several pruner settings against one baseline, pass the sweep directory of an
+earlier unpruned run with `--unpruned-from DIR` (it must have used the same seed, trials
+and budget). Its epochs and best value are exact; its wall time was not measured side by
+side with this run, so only the trial-time ratio is printed then.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ MAX_BEST_SHORTFALL = 0.05
 @dataclass
 class SweepResult:
     name: str
-    wall_s: float
+    wall_s: float | None  # None: a stored sweep, not timed by this run
     epochs: int
     trial_seconds: float
     best: float | None
@@ -60,18 +65,26 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, pruned: bool) -> SweepRes
     command = sweep_command(args, sweep_dir, pruned)
     print(f"[{name}] {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    completed = subprocess.run(command, cwd=out_dir, capture_output=True, text=True)
+    completed = subprocess.run(command, check=False, cwd=out_dir, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if completed.returncode != 0:
         sys.exit(f"[{name}] sweep failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    return load_sweep(name, sweep_dir, wall)
+
+
+def load_sweep(name: str, sweep_dir: Path, wall_s: float | None) -> SweepResult:
     from detr_train.search.storage import DEFAULT_JOURNAL_NAME, open_storage
 
-    study = optuna.load_study(study_name=sweep_dir.name, storage=open_storage(str(sweep_dir / DEFAULT_JOURNAL_NAME)))
+    journal = sweep_dir / DEFAULT_JOURNAL_NAME
+    if not journal.is_file():
+        sys.exit(f"{sweep_dir}: no {DEFAULT_JOURNAL_NAME} here; is it the sweep directory of a finished sweep?")
+    # The sweep directory's journal holds one study, named after the directory it was made in.
+    study = optuna.load_study(study_name=None, storage=open_storage(str(journal)))
     trials = study.trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     return SweepResult(
         name=name,
-        wall_s=wall,
+        wall_s=wall_s,
         epochs=sum(len(t.intermediate_values) for t in trials),
         trial_seconds=sum(t.duration.total_seconds() for t in trials if t.duration is not None),
         best=max(t.value for t in complete) if complete else None,
@@ -79,17 +92,38 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, pruned: bool) -> SweepRes
     )
 
 
+def check_comparable(args: argparse.Namespace, sweep_dir: Path, stored: SweepResult) -> None:
+    """A stored baseline is only a baseline if it ran the same sweep unpruned."""
+    from omegaconf import OmegaConf
+
+    sweep_cfg = OmegaConf.load(sweep_dir / "multirun.yaml")
+    expected = {
+        "hydra.sweeper.sampler.seed": args.seed,
+        "hydra.sweeper.n_trials": args.trials,
+        "hydra.sweeper.pruner._target_": "optuna.pruners.NopPruner",
+    }
+    if args.app == "detr":
+        expected["hydra.runtime.choices.budget"] = args.budget
+        expected["hydra.runtime.choices.search"] = args.search
+    for key, want in expected.items():
+        found = OmegaConf.select(sweep_cfg, key)
+        if found != want:
+            sys.exit(f"{sweep_dir / 'multirun.yaml'}: {key} is {found!r}, this comparison needs {want!r}")
+    if sum(stored.states.values()) != args.trials:
+        sys.exit(f"{sweep_dir}: the study holds {sum(stored.states.values())} finished trials, not {args.trials}")
+
+
 def report(pruned: SweepResult, unpruned: SweepResult) -> bool:
     for r in (unpruned, pruned):
-        print(
-            f"{r.name:>9}: {r.epochs:4d} epochs, {r.wall_s:8.1f} s wall ({r.trial_seconds:8.1f} s in trials), "
-            f"best {r.best}, {r.states}"
-        )
+        wall = "stored sweep" if r.wall_s is None else f"{r.wall_s:8.1f} s wall"
+        print(f"{r.name:>9}: {r.epochs:4d} epochs, {wall} ({r.trial_seconds:8.1f} s in trials), best {r.best}, {r.states}")
     epoch_ratio = pruned.epochs / unpruned.epochs
-    wall_ratio = pruned.wall_s / unpruned.wall_s
     trial_time_ratio = pruned.trial_seconds / unpruned.trial_seconds
     print(f"epochs ratio     {epoch_ratio:.3f}   (target <= {MAX_EPOCH_RATIO})")
-    print(f"wall time ratio  {wall_ratio:.3f}   (trial time only: {trial_time_ratio:.3f})")
+    if pruned.wall_s is None or unpruned.wall_s is None:
+        print(f"trial time ratio {trial_time_ratio:.3f}   (not timed side by side: compare epochs)")
+    else:
+        print(f"wall time ratio  {pruned.wall_s / unpruned.wall_s:.3f}   (trial time only: {trial_time_ratio:.3f})")
     if pruned.best is None or unpruned.best is None:
         print("best value: a sweep completed no trial")
         return False
@@ -112,6 +146,10 @@ def parse_args() -> argparse.Namespace:
         "-P", "--pruned-override", dest="pruned_overrides", action="append", default=[],
         help="an override for the pruned sweep only, e.g. -P hydra.sweeper.pruner.n_warmup_steps=1",
     )
+    parser.add_argument(
+        "--unpruned-from", type=Path, default=None, metavar="DIR",
+        help="reuse this earlier unpruned sweep (same seed, trials, budget) instead of running one",
+    )
     parser.add_argument("--out", type=Path, default=None, help="where the two sweeps go (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both sweeps")
     return parser.parse_args()
@@ -119,10 +157,15 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="pruning_savings_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"sweeps in {out_dir}")
-    unpruned = run_sweep(args, out_dir, pruned=False)
+    if args.unpruned_from is not None:
+        unpruned = load_sweep("unpruned", args.unpruned_from, wall_s=None)
+        check_comparable(args, args.unpruned_from, unpruned)
+    else:
+        unpruned = run_sweep(args, out_dir, pruned=False)
     pruned = run_sweep(args, out_dir, pruned=True)
     report(pruned, unpruned)
 
