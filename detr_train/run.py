@@ -356,7 +356,9 @@ class Trainer:
                 self.save(is_best=is_best, numbered=True)
                 if metrics is not None:
                     reporter.report(epoch, metrics["map"])
-                    if distributed.broadcast_from_main(reporter.should_prune(), self.dist):
+                    # After the last epoch there is nothing left to save: a prune there (a
+                    # successive-halving rung can fall on it) would only discard a finished result.
+                    if epoch < self.epochs and distributed.broadcast_from_main(reporter.should_prune(), self.dist):
                         log.info("Trial pruned by the search after epoch %d (mAP %.4f)", epoch, metrics["map"])
                         break
                 if distributed.any_rank(stop.requested is not None, self.dist) and epoch < self.epochs:

@@ -128,3 +128,27 @@ def test_a_failed_job_keeps_its_error_and_traceback():
         outcome = judge(_job(JobStatus.FAILED, error), _stored())
     assert outcome.error == "RuntimeError: CUDA out of memory"
     assert "Traceback" in outcome.details and "CUDA out of memory" in outcome.details
+
+
+def test_the_trainer_stops_a_pruned_trial_but_never_discards_its_last_epoch(small_run_overrides, tmp_path):
+    # A pruner that prunes every report (mAP is always below 1) stops a 2-epoch trial after
+    # epoch 1; a 1-epoch trial is not asked after its only, and last, epoch: pruning there
+    # (a successive-halving rung can land on it) would only throw away a finished result.
+    from detr_train.run import Trainer
+    from tests.conftest import compose_config
+
+    url = str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    study.set_user_attr(attrs.PRUNER, {"_target_": "optuna.pruners.ThresholdPruner", "lower": 1.0})
+    for epochs in (2, 1):
+        trial = study.ask()
+        cfg = compose_config(small_run_overrides + [
+            f"training.epochs={epochs}", "training.subset_size=8", "training.val_subset_size=8",
+            "trial.study_name=s", f"trial.storage={url}", f"trial.number={trial.number}",
+        ])
+        Trainer(cfg, tmp_path / f"trial_{trial.number}").fit()
+    cut_short, last_epoch_only = study.trials
+    assert list(cut_short.intermediate_values) == [1]
+    assert cut_short.user_attrs[attrs.PRUNED_AT] == 1
+    assert list(last_epoch_only.intermediate_values) == [1]
+    assert attrs.PRUNED_AT not in last_epoch_only.user_attrs
