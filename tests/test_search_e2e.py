@@ -55,6 +55,7 @@ def sweep(tmp_path_factory) -> Path:
         "hydra/sweeper/sampler=grid",
         "hydra.sweeper.sampler.seed=1",  # grid order: the good lr first
         "hydra.sweeper.n_trials=2",
+        "hydra/sweeper/pruner=median",  # the preset halves; this test pins the median rule
         "hydra.sweeper.pruner.n_startup_trials=1",
         "hydra.sweeper.pruner.n_warmup_steps=1",
         cwd=root,

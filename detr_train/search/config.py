@@ -96,9 +96,16 @@ class HyperbandPrunerConf:
 
 @dataclass
 class SuccessiveHalvingPrunerConf:
+    # Keeps the best 1/reduction_factor of the trials at each rung: epochs 1, 2, 4, 8, ...
+    # A rung on a trial's last epoch is never applied (nothing is left to save there).
     _target_: str = "optuna.pruners.SuccessiveHalvingPruner"
-    min_resource: Any = "auto"
-    reduction_factor: int = 4
+    # Steps are epochs, so the first rung is epoch 1. Optuna's "auto" also comes to 1 here,
+    # but only once a trial has finished, and the first trial's mAPs then never join a rung.
+    min_resource: Any = 1
+    # Optuna's default is 4. The few-epoch trials of a screening budget then have a single
+    # rung, at epoch 1, where mAP says least: measured on search=lr budget=small, 4 kept a
+    # best mAP 27% short of the unpruned sweep's, 2 kept one 3% above it (docs/search.md).
+    reduction_factor: int = 2
     min_early_stopping_rate: int = 0
 
 
