@@ -101,3 +101,43 @@ def test_the_best_trial_command_composes_its_config_at_full_budget(sweep, tmp_pa
     assert job["training"]["lr"] == GOOD_LR
     assert job["budget"]["max_epochs"] is None
     assert job["trial"]["number"] is None
+
+
+def test_sigterm_to_a_running_sweep_stops_it_and_the_same_command_resumes_the_study(tmp_path):
+    import signal
+    import time
+
+    from detr_train.search import attrs
+
+    command = [
+        sys.executable, "-m", "detr_train", "search=lr", "budget=tiny",
+        f"output_root={tmp_path / 'outputs'}", f"data.root={tmp_path / 'synthetic'}",
+        "data.generate.num_train=48", "data.generate.num_val=24", "data.num_workers=0",
+        "training.batch_size=4", "training.schedule.warmup_steps=0", "training.progress=false",
+        "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=3",
+    ]
+    sweep_dir = tmp_path / "outputs" / "default" / "search" / "lr_tiny"
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (sweep_dir / "trial_0" / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # mid trial 0: after its first epoch, before its last
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "were interrupted and recorded FAIL" in output and "Run the same command again" in output
+
+    storage = open_storage(str(sweep_dir / "optuna_journal.log"))
+    (stopped,) = optuna.load_study(study_name="lr_tiny", storage=storage).trials
+    assert stopped.state == TrialState.FAIL and "SIGTERM" in stopped.user_attrs[attrs.INTERRUPTED]
+    assert (sweep_dir / "trial_0" / "checkpoints" / "last.pt").is_file()
+    stopped_metrics = (sweep_dir / "trial_0" / "metrics.jsonl").read_text()
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = optuna.load_study(study_name="lr_tiny", storage=open_storage(str(sweep_dir / "optuna_journal.log"))).trials
+    # The interrupted trial stays as it was and does not count: two more trials run, numbered on.
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert trials[0].state == TrialState.FAIL
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials[1:])
+    assert (sweep_dir / "trial_0" / "metrics.jsonl").read_text() == stopped_metrics
+    assert list(pd.read_csv(sweep_dir / "trials.csv")["number"]) == [0, 1, 2]
