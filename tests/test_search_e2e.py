@@ -109,15 +109,16 @@ def test_sigterm_to_a_running_sweep_stops_it_and_the_same_command_resumes_the_st
 
     from detr_train.search import attrs
 
-    command = [
-        sys.executable, "-m", "detr_train", "search=lr", "budget=tiny",
+    overrides = [
+        "search=lr", "budget=tiny",
         f"output_root={tmp_path / 'outputs'}", f"data.root={tmp_path / 'synthetic'}",
         "data.generate.num_train=48", "data.generate.num_val=24", "data.num_workers=0",
         "training.batch_size=4", "training.schedule.warmup_steps=0", "training.progress=false",
         "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=3",
     ]
     sweep_dir = tmp_path / "outputs" / "default" / "search" / "lr_tiny"
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "detr_train", *overrides], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (sweep_dir / "trial_0" / "metrics.jsonl").is_file():
         time.sleep(0.2)
@@ -132,7 +133,7 @@ def test_sigterm_to_a_running_sweep_stops_it_and_the_same_command_resumes_the_st
     assert (sweep_dir / "trial_0" / "checkpoints" / "last.pt").is_file()
     stopped_metrics = (sweep_dir / "trial_0" / "metrics.jsonl").read_text()
 
-    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    resumed = _detr_train(*overrides, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials = optuna.load_study(study_name="lr_tiny", storage=open_storage(str(sweep_dir / "optuna_journal.log"))).trials
     # The interrupted trial stays as it was and does not count: two more trials run, numbered on.
