@@ -1,4 +1,4 @@
-"""What pruning saves: the same sweep (same seed, trials, budget) with the median pruner and without.
+"""What pruning saves: the same sweep (same seed, trials, budget) with the preset's pruner and without.
 
 Prints the ratio of epochs trained and of wall time (pruned / unpruned) and the best value
 of each. Target: at most 0.6 of the epochs, with a best mAP within 5% of the unpruned one.
@@ -13,7 +13,7 @@ go to the pruned sweep only (the unpruned one uses `hydra/sweeper/pruner=nop`).
 
 To compare several pruner settings against one baseline, pass the sweep directory of an
 earlier unpruned run with `--unpruned-from DIR` (it must have used the same seed, trials
-and budget). Its epochs and best value are exact; its wall time was not measured side by
+and budget, and its trials the same config). Its epochs and best value are exact; its wall time was not measured side by
 side with this run, so only the trial-time ratio is printed then.
 """
 
@@ -113,6 +113,32 @@ def check_comparable(args: argparse.Namespace, sweep_dir: Path, stored: SweepRes
         sys.exit(f"{sweep_dir}: the study holds {sum(stored.states.values())} finished trials, not {args.trials}")
 
 
+def _task_config(sweep_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml"), resolve=False)
+    config.pop("hydra")
+    return config
+
+
+def _differing_keys(left: object, right: object, prefix: str = "") -> list[str]:
+    if isinstance(left, dict) and isinstance(right, dict):
+        return [
+            diff
+            for key in sorted(left.keys() | right.keys(), key=str)
+            for diff in _differing_keys(left.get(key), right.get(key), f"{prefix}{key}.")
+        ]
+    return [] if left == right else [f"{prefix.rstrip('.')}: {left!r} vs {right!r}"]
+
+
+def check_same_task(baseline_dir: Path, pruned_dir: Path) -> None:
+    """The trials of both sweeps must train the same way (e.g. a `training.epochs=5` override on
+    one only would make the epoch ratio meaningless); the sweeps' multirun.yaml hold that config."""
+    differing = _differing_keys(_task_config(baseline_dir), _task_config(pruned_dir))
+    if differing:
+        sys.exit(f"{baseline_dir / 'multirun.yaml'}: its trials' config differs from this sweep's: {'; '.join(differing)}")
+
+
 def report(pruned: SweepResult, unpruned: SweepResult) -> bool:
     for r in (unpruned, pruned):
         wall = "stored sweep" if r.wall_s is None else f"{r.wall_s:8.1f} s wall"
@@ -167,6 +193,8 @@ def main() -> None:
     else:
         unpruned = run_sweep(args, out_dir, pruned=False)
     pruned = run_sweep(args, out_dir, pruned=True)
+    if args.unpruned_from is not None:
+        check_same_task(args.unpruned_from, out_dir / "pruned")
     report(pruned, unpruned)
 
 
