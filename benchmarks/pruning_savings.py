@@ -4,6 +4,7 @@ Prints the ratio of epochs trained and of wall time (pruned / unpruned) and the 
 of each. Target: at most 0.6 of the epochs, with a best mAP within 5% of the unpruned one.
 
     python benchmarks/pruning_savings.py                          # detr-train search=lr budget=small
+    python benchmarks/pruning_savings.py --side-by-side           # both sweeps at once, half the cores each
     python benchmarks/pruning_savings.py --budget tiny --trials 8 data.num_workers=0
     python benchmarks/pruning_savings.py --app toy                 # the tests' cheap objective, seconds
     python benchmarks/pruning_savings.py -P hydra.sweeper.pruner.n_warmup_steps=1   # pruner settings
@@ -13,13 +14,15 @@ go to the pruned sweep only (the unpruned one uses `hydra/sweeper/pruner=nop`).
 
 To compare several pruner settings against one baseline, pass the sweep directory of an
 earlier unpruned run with `--unpruned-from DIR` (it must have used the same seed, trials
-and budget, and its trials the same config). Its epochs and best value are exact; its wall time was not measured side by
-side with this run, so only the trial-time ratio is printed then.
+and budget, and its trials the same config). Its epochs and best value are exact; its wall
+time was not measured side by side with this run, so only the trial-time ratio is printed
+then. Each sweep's output goes to <out>/pruned.log and <out>/unpruned.log.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,17 +62,37 @@ def sweep_command(args: argparse.Namespace, sweep_dir: Path, pruned: bool) -> li
     return [sys.executable, "-m", "detr_train", f"search={args.search}", f"budget={args.budget}", *common, *args.overrides]
 
 
-def run_sweep(args: argparse.Namespace, out_dir: Path, pruned: bool) -> SweepResult:
+@dataclass
+class RunningSweep:
+    name: str
+    sweep_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+    started: float
+
+
+def start_sweep(args: argparse.Namespace, out_dir: Path, pruned: bool, threads: int | None) -> RunningSweep:
+    """Start one sweep in the background, its output going to <out>/<name>.log."""
     name = "pruned" if pruned else "unpruned"
     sweep_dir = out_dir / name
     command = sweep_command(args, sweep_dir, pruned)
-    print(f"[{name}] {' '.join(command)}", flush=True)
-    start = time.perf_counter()
-    completed = subprocess.run(command, check=False, cwd=out_dir, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if completed.returncode != 0:
-        sys.exit(f"[{name}] sweep failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
-    return load_sweep(name, sweep_dir, wall)
+    env = dict(os.environ)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print(f"[{name}] {' '.join(command)}" + ("" if threads is None else f"  ({threads} thread(s))"), flush=True)
+    log_path = out_dir / f"{name}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return RunningSweep(name, sweep_dir, log_path, process, time.perf_counter())
+
+
+def finish_sweep(sweep: RunningSweep) -> SweepResult:
+    returncode = sweep.process.wait()
+    wall = time.perf_counter() - sweep.started
+    if returncode != 0:
+        tail = sweep.log_path.read_text(errors="replace")[-3000:]
+        sys.exit(f"[{sweep.name}] sweep failed (exit {returncode}); the end of {sweep.log_path}:\n{tail}")
+    return load_sweep(sweep.name, sweep.sweep_dir, wall)
 
 
 def load_sweep(name: str, sweep_dir: Path, wall_s: float | None) -> SweepResult:
@@ -176,9 +199,16 @@ def parse_args() -> argparse.Namespace:
         "--unpruned-from", type=Path, default=None, metavar="DIR",
         help="reuse this earlier unpruned sweep (same seed, trials, budget) instead of running one",
     )
+    parser.add_argument(
+        "--side-by-side", action="store_true",
+        help="run the two sweeps at the same time, each with half the cores as torch threads",
+    )
     parser.add_argument("--out", type=Path, default=None, help="where the two sweeps go (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both sweeps")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.side_by_side and args.unpruned_from is not None:
+        parser.error("--side-by-side runs both sweeps; it cannot be combined with --unpruned-from")
+    return args
 
 
 def main() -> None:
@@ -190,11 +220,16 @@ def main() -> None:
     if args.unpruned_from is not None:
         unpruned = load_sweep("unpruned", args.unpruned_from, wall_s=None)
         check_comparable(args, args.unpruned_from, unpruned)
-    else:
-        unpruned = run_sweep(args, out_dir, pruned=False)
-    pruned = run_sweep(args, out_dir, pruned=True)
-    if args.unpruned_from is not None:
+        pruned = finish_sweep(start_sweep(args, out_dir, pruned=True, threads=None))
         check_same_task(args.unpruned_from, out_dir / "pruned")
+    elif args.side_by_side:
+        # Both at once, each with its share of the cores: the same machine noise for both.
+        threads = max(1, (os.cpu_count() or 2) // 2)
+        running = [start_sweep(args, out_dir, pruned, threads) for pruned in (False, True)]
+        unpruned, pruned = (finish_sweep(sweep) for sweep in running)
+    else:
+        unpruned = finish_sweep(start_sweep(args, out_dir, pruned=False, threads=None))
+        pruned = finish_sweep(start_sweep(args, out_dir, pruned=True, threads=None))
     report(pruned, unpruned)
 
 
