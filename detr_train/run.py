@@ -82,6 +82,11 @@ def _cap(value, cap):
     return value if cap is None else min(value, int(cap))
 
 
+def epochs_to_train(cfg: DictConfig) -> int:
+    """The run's length: `training.epochs`, capped by the search budget."""
+    return _cap(int(cfg.training.epochs), cfg.budget.max_epochs)
+
+
 @dataclass
 class DataBundle:
     train: CocoDetectionDataset
@@ -155,7 +160,7 @@ class Trainer:
         self.resize_schedule = validate_resize_schedule(
             OmegaConf.to_container(train_cfg.resize_schedule) if train_cfg.resize_schedule is not None else None
         )
-        self.epochs = _cap(int(train_cfg.epochs), cfg.budget.max_epochs)
+        self.epochs = epochs_to_train(cfg)
         self.device = distributed.device_for(dist_ctx, resolve_device(str(train_cfg.device)))
         # The same seed on every rank: identical initial weights and augmentation streams.
         seed_everything(int(train_cfg.seed))

@@ -43,3 +43,16 @@ def test_a_misspelt_key_in_a_search_is_refused_before_any_trial(tmp_path):
     assert result.returncode == 1
     assert "The search space does not fit the config: Could not override 'training.lrr'" in result.stderr
     assert not list(tmp_path.rglob("trial_*"))
+
+
+@pytest.mark.parametrize(("budget", "trial_epochs"), [("small", 5), ("tiny", 3)])
+def test_an_lr_trial_trains_the_budgets_epochs(budget, trial_epochs):
+    """search=lr budget=small is the seed design's 5-epoch screening trial, not the default
+    training length (4); a smaller budget still caps it."""
+    from hydra import compose, initialize_config_dir
+
+    from detr_train.run import epochs_to_train
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["search=lr", f"budget={budget}"])
+    assert epochs_to_train(cfg) == trial_epochs
