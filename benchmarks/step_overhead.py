@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from detr_train.config_path import config_dir
-from detr_train.engine import LossMeter, train_one_epoch
-from detr_train.run import Trainer
+from detr_train.config import config_dir
+from detr_train.engine import EpochPlan, train_one_epoch
+from detr_train.state import TrainState
+from detr_train.trainer import Trainer
 
 
 def _trainer(root: Path) -> Trainer:
@@ -57,8 +58,7 @@ def main() -> None:
                 bare_opt.zero_grad(set_to_none=True)
 
         def our_pass():
-            train_one_epoch(trainer.model, batches, trainer.optimizer, trainer.scheduler, trainer.precision,
-                            trainer.device, trainer.settings, LossMeter(), epoch=1)
+            train_one_epoch(trainer.step, batches, TrainState(), EpochPlan(1, len(batches)), lambda: False)
 
         bare_times, our_times = [], []
         for round_index in range(args.rounds + 1):
@@ -69,8 +69,8 @@ def main() -> None:
                     times.append((time.perf_counter() - start) / len(batches))
         bare, ours = statistics.median(bare_times), statistics.median(our_times)
         trainer.train_sampler.set_epoch(2)
-        epoch = train_one_epoch(trainer.model, trainer.train_loader, trainer.optimizer, trainer.scheduler,
-                                trainer.precision, trainer.device, trainer.settings, LossMeter(), epoch=2)
+        epoch = train_one_epoch(trainer.step, trainer.train_loader, TrainState(),
+                                EpochPlan(2, trainer.steps_per_epoch), lambda: False)
     print(f"median step: bare loop {bare * 1000:.1f} ms, detr-train loop {ours * 1000:.1f} ms")
     print(f"ratio detr-train / bare: {ours / bare:.3f} (target <= 1.05)")
     print(f"data-wait fraction of a real epoch (1 worker): {epoch['data_wait_fraction']:.3f}")

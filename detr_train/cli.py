@@ -1,4 +1,8 @@
-"""The `detr-train` command: Hydra composes the config, `run` does the work.
+"""The `detr-train` command: Hydra composes the config, the resume plan decides, `run` trains.
+
+Before Hydra makes a run directory, the config is composed once more here and checked
+(`preflight`), so that a bad value or key stops with one line and leaves no files behind.
+Expected errors during the run print one line too (`detr_train.errors`).
 
 This module imports neither torch nor transformers at import time, so `--help` and
 `--cfg job` answer in about a second.
@@ -13,8 +17,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from detr_train.config_path import config_dir
-from detr_train.launch_env import launched_as_non_main_rank
+from detr_train.config import config_dir
+from detr_train.config.preflight import preflight
+from detr_train.errors import DetrTrainError, ConfigError, exit_with_error, format_error, take_verbose_flag, verbose
+from detr_train.launch_env import DistContext, context_from_environment, launched_as_non_main_rank
 
 log = logging.getLogger("detr_train")
 
@@ -23,81 +29,104 @@ log = logging.getLogger("detr_train")
 NON_MAIN_RANK_OVERRIDES = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
 
 
-def _resolve_run(cfg: DictConfig, fresh_dir: Path):
-    """(config, run dir, resume target or None) for this invocation; reads checkpoints, not Hydra."""
-    from detr_train.resume import (
-        checkpoint_config_yaml,
-        find_resume_target,
-        reconcile_config,
-        resume_in_place,
-    )
-    from detr_train.rundir import adopt_run_dir
-
-    if cfg.training.resume:
-        resume = find_resume_target(str(cfg.training.resume), Path(str(cfg.output_root)), str(cfg.name))
-        if resume is None:
-            log.info("training.resume=auto: no resumable run under %s/%s; starting a new run", cfg.output_root, cfg.name)
-    else:
-        # Same run dir as before (a fixed hydra.run.dir, a requeued SLURM job, a search
-        # trial run again): continue there rather than overwrite its checkpoints.
-        resume = resume_in_place(fresh_dir)
-    if resume is None:
-        return cfg, fresh_dir, None
-    adopt_run_dir(resume.run_dir, fresh_dir)
-    for reason in resume.skipped:
-        log.warning("skipped checkpoint: %s", reason)
-    return reconcile_config(checkpoint_config_yaml(resume.payload), cfg), resume.run_dir, resume
+def _in_search(cfg: DictConfig) -> bool:
+    return OmegaConf.select(cfg, "trial.number") is not None
 
 
 def train(cfg: DictConfig) -> float:
     """Hydra's task function. The only place that reads Hydra's runtime state."""
     from hydra.core.hydra_config import HydraConfig
 
-    from detr_train import distributed
-    from detr_train.run import run
+    try:
+        return _train(cfg, Path(HydraConfig.get().runtime.output_dir), context_from_environment())
+    except DetrTrainError as error:
+        # A search trial fails with its error recorded by the sweeper; a plain run stops with one line.
+        if _in_search(cfg) or verbose():
+            raise
+        _note_in_log_files(error)
+        exit_with_error(error)
 
-    ctx = distributed.context_from_environment()
-    if ctx.enabled and cfg.get("trial") is not None and cfg.trial.number is not None:
-        raise ValueError(
-            "a search trial cannot run under torchrun; run searches through a Hydra launcher "
-            "(hydra/launcher=joblib or submitit_slurm), one process per trial"
+
+def _train(cfg: DictConfig, fresh_dir: Path, ctx: DistContext) -> float:
+    from detr_train import distributed
+    from detr_train.config.checks import check_config
+    from detr_train.search.callbacks import trial_callbacks
+    from detr_train.trainer import run
+
+    # A search trial's sampled values reach the config only here.
+    check_config(cfg)
+    if ctx.enabled and _in_search(cfg):
+        raise ConfigError(
+            "a search trial cannot run under torchrun",
+            hint="run searches through a Hydra launcher (hydra/launcher=joblib or slurm), one process per trial",
         )
     distributed.quiet_non_main_logging(ctx)
-    distributed.start(ctx, str(cfg.training.device))
+    distributed.start(ctx, cfg.training.device)
     try:
-        plan = None
-        if ctx.is_main:
-            try:
-                cfg, run_dir, resume = _resolve_run(cfg, Path(HydraConfig.get().runtime.output_dir))
-            except Exception as exc:
-                distributed.broadcast_from_main(("error", f"{type(exc).__name__}: {exc}"), ctx)
-                raise
-            checkpoint = None if resume is None else str(resume.checkpoint)
-            plan = ("ok", (OmegaConf.to_container(cfg, resolve=True), str(run_dir), checkpoint))
-        status, detail = distributed.broadcast_from_main(plan, ctx)
-        if not ctx.is_main:
-            if status == "error":
-                raise RuntimeError(f"rank 0 could not start the run: {detail}")
-            cfg, run_dir, resume = _plan_on_other_rank(*detail)
-        return run(cfg, run_dir, resume=resume, dist_ctx=ctx)
+        the_plan = _plan_on_every_rank(cfg, fresh_dir, ctx)
+        return run(the_plan, ctx, trial_callbacks(cfg.trial))
     finally:
         distributed.stop(ctx)
 
 
-def _plan_on_other_rank(cfg_container: dict, run_dir: str, checkpoint: str | None):
-    from detr_train.checkpoint import load_checkpoint
-    from detr_train.resume import ResumeTarget
+def _plan_on_every_rank(cfg: DictConfig, fresh_dir: Path, ctx: DistContext):
+    """Rank 0 plans (and moves into the run dir it chose); the other ranks receive its plan."""
+    from detr_train import distributed
+    from detr_train.plan import plan
+    from detr_train.rundir import adopt_run_dir
 
-    resume = None if checkpoint is None else ResumeTarget(Path(checkpoint), load_checkpoint(Path(checkpoint)), Path(run_dir))
-    return OmegaConf.create(cfg_container), Path(run_dir), resume
+    message = None
+    if ctx.is_main:
+        try:
+            the_plan = plan(cfg, fresh_dir)
+        except Exception as exc:
+            distributed.broadcast_from_main(("error", f"{type(exc).__name__}: {exc}"), ctx)
+            raise
+        adopt_run_dir(the_plan.run_dir, fresh_dir)
+        checkpoint = None if the_plan.checkpoint is None else str(the_plan.checkpoint)
+        message = ("ok", (OmegaConf.to_container(the_plan.cfg, resolve=True, enum_to_str=True),
+                          str(the_plan.run_dir), checkpoint))
+    status, detail = distributed.broadcast_from_main(message, ctx)
+    if ctx.is_main:
+        return the_plan
+    if status == "error":
+        raise RuntimeError(f"rank 0 could not start the run: {detail}")
+    return _plan_from_main(*detail)
+
+
+def _plan_from_main(cfg_container: dict, run_dir: str, checkpoint: str | None):
+    from detr_train.checkpoint import load_checkpoint
+    from detr_train.checkpointer import Found
+    from detr_train.config.schema import Config
+    from detr_train.plan import Plan
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg_container)
+    found = None if checkpoint is None else Found(Path(checkpoint), load_checkpoint(Path(checkpoint)))
+    return Plan(cfg, Path(run_dir), found)
+
+
+def _note_in_log_files(error: DetrTrainError) -> None:
+    """Say in train.log why the run stopped; the terminal gets the one-line error instead."""
+    record = logging.LogRecord("detr_train", logging.ERROR, __file__, 0, format_error(error), None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 _hydra_main = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(train)
 
 
 def main() -> None:
+    arguments = take_verbose_flag(sys.argv[1:])
     if launched_as_non_main_rank():
-        sys.argv.extend(NON_MAIN_RANK_OVERRIDES)
+        arguments += NON_MAIN_RANK_OVERRIDES
+    sys.argv[1:] = arguments
+    try:
+        preflight(arguments)
+    except DetrTrainError as error:
+        if verbose():
+            raise
+        exit_with_error(error)
     _hydra_main()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from detr_train.errors import DetrTrainError
 from detr_train.launch_env import SINGLE_PROCESS, DistContext, context_from_environment
 
 __all__ = ["SINGLE_PROCESS", "DistContext", "context_from_environment"]
@@ -109,7 +110,7 @@ def parameter_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     return total
 
 
-class ReplicaDivergenceError(RuntimeError):
+class ReplicaDivergenceError(DetrTrainError, RuntimeError):
     """DDP replicas hold different parameters: gradients were not averaged the same way everywhere."""
 
 
@@ -149,16 +150,3 @@ def wrap_ddp(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=find_unused_parameters,
     )
-
-
-def gathered_coco_evaluate(coco_gt, local_detections: list[dict], image_ids: list[int], ctx: DistContext) -> dict:
-    """COCOeval once, on rank 0, over the detections of every rank's shard; the metrics on all ranks."""
-    from detr_train.evaluation import coco_evaluate
-
-    if not ctx.enabled:
-        return coco_evaluate(coco_gt, local_detections, image_ids)
-    shards = gather_to_main(local_detections, ctx)
-    metrics = None
-    if ctx.is_main:
-        metrics = coco_evaluate(coco_gt, [d for shard in shards for d in shard], image_ids)
-    return broadcast_from_main(metrics, ctx)

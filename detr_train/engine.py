@@ -1,8 +1,10 @@
-"""One training epoch and one evaluation pass, with explicit arguments.
+"""One training epoch and one evaluation pass.
 
-Both return plain dicts of floats. Nothing here knows about Hydra, checkpoints or
-searches: the caller passes a `step_hook` that may save a mid-epoch checkpoint or ask
-the epoch to stop (pre-emption).
+`TrainStep` is one optimiser step (forward, loss, non-finite guard, backward, clip,
+update) and `train_one_epoch` walks the batches of an epoch through it, advancing the
+run's `TrainState`. `Evaluator` predicts and scores with COCOeval. Both return plain
+dicts of floats. Nothing here knows about Hydra, checkpoints or searches: the caller's
+`on_step_end` may save a mid-epoch checkpoint or end the epoch early (pre-emption).
 """
 
 from __future__ import annotations
@@ -10,60 +12,46 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from detr_train.distributed import SINGLE_PROCESS, DistContext, gathered_coco_evaluate
+from detr_train import distributed
+from detr_train.errors import DetrTrainError
+from detr_train.evaluation import gathered_coco_evaluate
+from detr_train.launch_env import SINGLE_PROCESS, DistContext
+from detr_train.optim import LRSchedule
 from detr_train.precision import Precision
+from detr_train.state import TrainState
 
 log = logging.getLogger(__name__)
 
+LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(DetrTrainError, RuntimeError):
     """Training produced NaN/inf losses and was stopped rather than poison the weights."""
 
 
-@dataclass
-class LossMeter:
-    """Running sums of the loss components over an epoch; checkpointed for mid-epoch resume."""
+@dataclass(frozen=True)
+class NonFinitePolicy:
+    """What a NaN/inf loss does: `skip` the step (at most `max_in_a_row` in a row) or `stop` the run."""
 
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-    skipped: int = 0
-    consecutive_nonfinite: int = 0
-
-    def add(self, losses: dict[str, float]) -> None:
-        for key, value in losses.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-
-    def means(self) -> dict[str, float]:
-        return {key: value / max(1, self.count) for key, value in self.sums.items()}
-
-    def state_dict(self) -> dict:
-        return {"sums": dict(self.sums), "count": self.count, "skipped": self.skipped,
-                "consecutive_nonfinite": self.consecutive_nonfinite}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sums = {str(k): float(v) for k, v in state["sums"].items()}
-        self.count = int(state["count"])
-        self.skipped = int(state["skipped"])
-        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+    action: str = "skip"
+    max_in_a_row: int = 20
 
 
-@dataclass
-class StepSettings:
-    grad_clip: float
-    nonfinite: str  # "skip" | "stop"
-    max_nonfinite_steps: int
-    log_every: int
-    progress: bool
+@dataclass(frozen=True)
+class EpochPlan:
+    epoch: int
+    total_batches: int
+    log_every: int = 0
+    show_progress: bool = False
 
 
-def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     # non_blocking lets the copy overlap compute when the loader pins memory.
     pixel_values = batch["pixel_values"].to(device, non_blocking=True)
     pixel_mask = batch["pixel_mask"].to(device, non_blocking=True)
@@ -73,100 +61,112 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 def _loss_components(outputs) -> dict[str, float]:
     components = {"loss": outputs.loss.detach()}
-    for key in ("loss_ce", "loss_bbox", "loss_giou"):
+    for key in LOGGED_LOSSES:
         if key in outputs.loss_dict:
             components[key] = outputs.loss_dict[key].detach()
-    # One host sync for all components instead of one per .item().
+    # The step's one host sync: all components at once instead of one .item() each.
     values = torch.stack([v.float() for v in components.values()]).tolist()
     return dict(zip(components, values))
 
 
-def _handle_nonfinite(loss_value: float, meter: LossMeter, settings: StepSettings, where: str) -> None:
-    meter.skipped += 1
-    meter.consecutive_nonfinite += 1
-    message = f"non-finite loss ({loss_value}) at {where}"
-    if settings.nonfinite == "stop":
-        raise NonFiniteLossError(
-            f"{message}; training stopped so the weights stay intact. Lower training.lr, enable "
-            f"training.grad_clip, try training.amp_dtype=bfloat16, or set training.nonfinite=skip"
-        )
-    if meter.consecutive_nonfinite > settings.max_nonfinite_steps:
-        raise NonFiniteLossError(
-            f"{message}: {meter.consecutive_nonfinite} non-finite steps in a row "
-            f"(training.max_nonfinite_steps={settings.max_nonfinite_steps}); stopping"
-        )
-    log.warning("%s; step skipped (%d so far this epoch)", message, meter.skipped)
+class TrainStep:
+    """One optimiser step on one batch, the same code for fp32, bf16 and fp16."""
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule, precision: Precision,
+        *, grad_clip: float, nonfinite: NonFinitePolicy, device: torch.device, dist: DistContext = SINGLE_PROCESS,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.nonfinite = nonfinite
+        self.device = device
+        self.dist = dist
+        self.input_hw: list[int] = []
+
+    def __call__(self, batch: dict, state: TrainState) -> dict[str, float]:
+        """Train on `batch` at `state.global_step`; returns the loss components (host floats)."""
+        pixel_values, pixel_mask, labels = to_device(batch, self.device)
+        self.schedule.apply(state.global_step)
+        with self.precision.autocast():
+            outputs = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        losses = _loss_components(outputs)
+        self.input_hw = list(pixel_values.shape[-2:])  # proves a size change reached the workers
+        # Every rank must skip together, or the others would wait in the gradient all-reduce.
+        if distributed.any_rank(not math.isfinite(losses["loss"]), self.dist):
+            self._skip(outputs.loss, losses["loss"], state)
+        else:
+            self._update(outputs.loss)
+            state.meter.consecutive_nonfinite = 0
+            state.meter.add(losses)
+        return losses
+
+    def _update(self, loss: torch.Tensor) -> None:
+        scaler = self.precision.scaler
+        scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            # Unscale first so that the threshold applies to the true gradients.
+            scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _skip(self, loss: torch.Tensor, value: float, state: TrainState) -> None:
+        if self.dist.enabled:
+            # DDP's backward is a collective: join it, then throw the gradients away.
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        meter = state.meter
+        meter.skipped += 1
+        meter.consecutive_nonfinite += 1
+        message = f"non-finite loss ({value}) at epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
+        if self.nonfinite.action == "stop":
+            raise NonFiniteLossError(
+                f"{message}; training stopped so the weights stay intact",
+                hint="lower training.lr, enable training.grad_clip, try training.amp_dtype=bfloat16, "
+                     "or set training.nonfinite=skip",
+            )
+        if meter.consecutive_nonfinite > self.nonfinite.max_in_a_row:
+            raise NonFiniteLossError(
+                f"{message}: {meter.consecutive_nonfinite} non-finite steps in a row "
+                f"(training.max_nonfinite_steps={self.nonfinite.max_in_a_row}); stopping"
+            )
+        log.warning("%s; step skipped (%d so far this epoch)", message, meter.skipped)
 
 
 def train_one_epoch(
-    model: torch.nn.Module,
-    batches: Iterable[dict],
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    precision: Precision,
-    device: torch.device,
-    settings: StepSettings,
-    meter: LossMeter,
-    *,
-    epoch: int,
-    first_batch: int = 0,
-    total_batches: int | None = None,
-    step_hook: Callable[[int], bool] | None = None,
-    any_rank: Callable[[bool], bool] = lambda flag: flag,
-    backward_on_skip: bool = False,
+    step: TrainStep, batches: Iterable[dict], state: TrainState, plan: EpochPlan, on_step_end: Callable[[], bool],
 ) -> dict[str, float]:
-    """Train over `batches`; returns mean losses plus timing.
+    """Train over `batches` from `state.batch_in_epoch` on; returns mean losses plus timing.
 
-    `step_hook(batch_index)` runs after every optimiser step and returns True to end the
-    epoch early (the caller then checkpoints the exact position). Under DDP, `any_rank`
-    makes the skip decision for a non-finite loss collective, and `backward_on_skip`
-    still runs the backward pass of a skipped step so that every rank joins the
-    gradient all-reduce; the gradients are then thrown away.
+    After every step `state` has advanced and `on_step_end()` runs; True ends the epoch
+    early (the caller then checkpoints that exact position).
     """
-    model.train()
+    step.model.train()
     data_wait = 0.0
-    input_hw: list[int] = []
-    start = time.perf_counter()
-    tick = start
-    bar = tqdm(batches, total=total_batches, initial=first_batch, desc=f"epoch {epoch}",
-               disable=not settings.progress, leave=False, dynamic_ncols=True)
-    for batch_index, batch in enumerate(bar, start=first_batch):
+    start = tick = time.perf_counter()
+    bar = tqdm(batches, total=plan.total_batches, initial=state.batch_in_epoch, desc=f"epoch {plan.epoch}",
+               disable=not plan.show_progress, leave=False, dynamic_ncols=True)
+    for batch in bar:
         data_wait += time.perf_counter() - tick
-        pixel_values, pixel_mask, labels = _to_device(batch, device)
-        # What the loader actually produced (proves a size change reached the workers).
-        input_hw = list(pixel_values.shape[-2:])
-        with precision.autocast():
-            outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
-        losses = _loss_components(outputs)
-        if any_rank(not math.isfinite(losses["loss"])):
-            if backward_on_skip:
-                outputs.loss.backward()
-            optimizer.zero_grad(set_to_none=True)
-            _handle_nonfinite(losses["loss"], meter, settings, f"epoch {epoch}, batch {batch_index}")
-        else:
-            meter.consecutive_nonfinite = 0
-            # Scaler order matters: unscale before clipping so the threshold applies to true grads.
-            precision.scaler.scale(outputs.loss).backward()
-            if settings.grad_clip > 0:
-                precision.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            meter.add(losses)
-        scheduler.step()
-        if settings.log_every and (batch_index + 1) % settings.log_every == 0:
-            log.info("epoch %d batch %d: loss %.4f lr %.2e", epoch, batch_index + 1, losses["loss"],
-                     optimizer.param_groups[0]["lr"])
+        losses = step(batch, state)
+        state.global_step += 1
+        state.batch_in_epoch += 1
+        if plan.log_every and state.batch_in_epoch % plan.log_every == 0:
+            log.info("epoch %d batch %d: loss %.4f lr %.2e", plan.epoch, state.batch_in_epoch, losses["loss"],
+                     step.optimizer.param_groups[0]["lr"])
         bar.set_postfix(loss=f"{losses['loss']:.3f}", refresh=False)
         tick = time.perf_counter()
-        if step_hook is not None and step_hook(batch_index):
+        if on_step_end():
             break
     bar.close()
     elapsed = time.perf_counter() - start
-    result = {f"train_{k}": v for k, v in meter.means().items()}
-    result["skipped_steps"] = float(meter.skipped)
-    result["input_hw"] = input_hw
+    result: dict = {f"train_{k}": v for k, v in state.meter.means().items()}
+    result["skipped_steps"] = float(state.meter.skipped)
+    result["input_hw"] = step.input_hw
     result["data_wait_fraction"] = data_wait / elapsed if elapsed > 0 else 0.0
     return result
 
@@ -215,24 +215,29 @@ def predict(
             for score, label, (x0, y0, x1, y1) in zip(
                 result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()
             ):
-                detections.append(
-                    {
-                        "image_id": int(image_id),
-                        "category_id": label_to_category(label),
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "score": score,
-                    }
-                )
+                detections.append({"image_id": int(image_id), "category_id": label_to_category(label),
+                                   "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
     return detections
 
 
-def evaluate(
-    model, batches, image_processor, precision, device, coco_gt, image_ids, label_to_category, *, progress=False,
-    dist_ctx: DistContext = SINGLE_PROCESS,
-) -> dict:
-    """Predict on `batches` (this rank's shard) and score with COCOeval restricted to `image_ids`."""
-    start = time.perf_counter()
-    detections = predict(model, batches, image_processor, precision, device, label_to_category, progress=progress)
-    metrics = gathered_coco_evaluate(coco_gt, detections, image_ids, dist_ctx)
-    metrics["eval_time"] = time.perf_counter() - start
-    return metrics
+class Evaluator:
+    """Predict on this rank's shard of the validation batches and score with one COCOeval."""
+
+    def __init__(self, image_processor, precision: Precision, device: torch.device, coco_gt, image_ids: list[int],
+                 label_to_category: Callable[[int], int], *, dist: DistContext = SINGLE_PROCESS, progress: bool = False):
+        self.image_processor = image_processor
+        self.precision = precision
+        self.device = device
+        self.coco_gt = coco_gt
+        self.image_ids = image_ids
+        self.label_to_category = label_to_category
+        self.dist = dist
+        self.progress = progress
+
+    def __call__(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
+        start = time.perf_counter()
+        detections = predict(model, batches, self.image_processor, self.precision, self.device,
+                             self.label_to_category, progress=self.progress)
+        metrics = gathered_coco_evaluate(self.coco_gt, detections, self.image_ids, self.dist)
+        metrics["eval_time"] = time.perf_counter() - start
+        return metrics

@@ -16,6 +16,9 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_train.distributed import broadcast_from_main, gather_to_main
+from detr_train.launch_env import DistContext
+
 log = logging.getLogger(__name__)
 
 # Names of COCOeval.stats entries, in order.
@@ -91,3 +94,14 @@ def format_per_class_table(map_per_class: dict[str, float]) -> str:
     for name, ap in map_per_class.items():
         lines.append(f"{name:<{width}}  {'n/a' if ap < 0 else f'{ap:.4f}'}")
     return "\n".join(lines)
+
+
+def gathered_coco_evaluate(coco_gt: COCO, local_detections: list[dict], image_ids: list[int], ctx: DistContext) -> dict:
+    """COCOeval once, on rank 0, over the detections of every rank's shard; the metrics on all ranks."""
+    if not ctx.enabled:
+        return coco_evaluate(coco_gt, local_detections, image_ids)
+    shards = gather_to_main(local_detections, ctx)
+    metrics = None
+    if ctx.is_main:
+        metrics = coco_evaluate(coco_gt, [d for shard in shards for d in shard], image_ids)
+    return broadcast_from_main(metrics, ctx)

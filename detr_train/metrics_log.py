@@ -1,11 +1,12 @@
-"""The per-epoch metric log: `metrics.jsonl`, one json object per line, appended."""
+"""The per-epoch metric log: `metrics.jsonl`, one json object per line, appended durably."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from detr_train.atomic import append_durably, atomic_write
 
 
 def _json_safe(value):
@@ -16,16 +17,16 @@ def _json_safe(value):
     return value
 
 
+def _line(record: dict) -> str:
+    return json.dumps(_json_safe(record)) + "\n"
+
+
 class MetricsLog:
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(_json_safe(record)) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_durably(self.path, _line(record))
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -38,10 +39,17 @@ class MetricsLog:
         Returns how many were dropped. Keeps the log free of duplicate epochs when a run
         died between logging an epoch and checkpointing it.
         """
-        records = self.read()
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines()
+        # A kill during an append can leave half a line at the end: it belongs to no epoch.
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
         kept = [r for r in records if int(r.get("epoch", 0)) <= epoch]
-        if len(kept) != len(records):
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+        if len(kept) != len([line for line in lines if line.strip()]):
+            atomic_write(self.path, "".join(_line(r) for r in kept))
         return len(records) - len(kept)

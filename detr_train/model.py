@@ -8,59 +8,43 @@ from pathlib import Path
 
 import torch
 
+from detr_train.config.checks import WHOLE_LOSS_KEYS
+from detr_train.config.schema import BackboneNorm, ModelConfig
+from detr_train.errors import DetrTrainError
+
 log = logging.getLogger(__name__)
 
 
-class PretrainedUnavailableError(RuntimeError):
+class PretrainedUnavailableError(DetrTrainError, RuntimeError):
     """Pretrained weights were asked for but cannot be found or fetched."""
 
 
-def _architecture_kwargs(model_cfg) -> dict:
+ARCHITECTURE_KEYS = (
+    "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+    "encoder_ffn_dim", "decoder_ffn_dim", "num_queries", "num_feature_levels", "encoder_n_points",
+    "decoder_n_points", "dropout", "with_box_refine", "two_stage", "auxiliary_loss",
+)
+
+
+def _architecture_kwargs(model_cfg: ModelConfig) -> dict:
     return {
-        "d_model": int(model_cfg.d_model),
-        "encoder_layers": int(model_cfg.encoder_layers),
-        "decoder_layers": int(model_cfg.decoder_layers),
-        "encoder_attention_heads": int(model_cfg.encoder_attention_heads),
-        "decoder_attention_heads": int(model_cfg.decoder_attention_heads),
-        "encoder_ffn_dim": int(model_cfg.encoder_ffn_dim),
-        "decoder_ffn_dim": int(model_cfg.decoder_ffn_dim),
-        "num_queries": int(model_cfg.num_queries),
-        "num_feature_levels": int(model_cfg.num_feature_levels),
-        "encoder_n_points": int(model_cfg.encoder_n_points),
-        "decoder_n_points": int(model_cfg.decoder_n_points),
-        "dropout": float(model_cfg.dropout),
-        "with_box_refine": bool(model_cfg.with_box_refine),
-        "two_stage": bool(model_cfg.two_stage),
-        "auxiliary_loss": bool(model_cfg.auxiliary_loss),
-        # transformers types these as int; the configs may say 2.0.
-        "class_cost": int(model_cfg.loss.class_cost),
-        "bbox_cost": int(model_cfg.loss.bbox_cost),
-        "giou_cost": int(model_cfg.loss.giou_cost),
-        "bbox_loss_coefficient": int(model_cfg.loss.bbox_loss_coefficient),
-        "giou_loss_coefficient": int(model_cfg.loss.giou_loss_coefficient),
-        "focal_alpha": float(model_cfg.loss.focal_alpha),
+        **{key: model_cfg[key] for key in ARCHITECTURE_KEYS},
+        **{key: int(model_cfg.loss[key]) for key in WHOLE_LOSS_KEYS},
+        "focal_alpha": model_cfg.loss.focal_alpha,
     }
 
 
-def build_model_config(model_cfg, class_names: list[str]):
+def build_model_config(model_cfg: ModelConfig, class_names: list[str]):
     """A random-init DeformableDetrConfig with a transformers ResNet backbone (no timm needed)."""
     from transformers import DeformableDetrConfig, ResNetConfig
 
-    if int(model_cfg.decoder_layers) < 2:
-        # transformers ties the per-layer bbox heads and fails at init with one layer.
-        raise ValueError(f"model.decoder_layers must be >= 2 (got {model_cfg.decoder_layers})")
-    out_features = list(model_cfg.backbone.out_features)
-    if int(model_cfg.num_feature_levels) < len(out_features):
-        raise ValueError(
-            f"model.num_feature_levels={model_cfg.num_feature_levels} is smaller than the number of "
-            f"backbone.out_features ({out_features})"
-        )
+    backbone_cfg = model_cfg.backbone
     backbone = ResNetConfig(
-        embedding_size=int(model_cfg.backbone.embedding_size),
-        hidden_sizes=list(model_cfg.backbone.hidden_sizes),
-        depths=list(model_cfg.backbone.depths),
-        layer_type=str(model_cfg.backbone.layer_type),
-        out_features=out_features,
+        embedding_size=backbone_cfg.embedding_size,
+        hidden_sizes=list(backbone_cfg.hidden_sizes),
+        depths=list(backbone_cfg.depths),
+        layer_type=backbone_cfg.layer_type,
+        out_features=list(backbone_cfg.out_features),
     )
     return DeformableDetrConfig(
         backbone_config=backbone,
@@ -130,7 +114,7 @@ def _group_norm_for(frozen) -> torch.nn.GroupNorm:
     return torch.nn.GroupNorm(math.gcd(8, channels), channels)
 
 
-def adapt_backbone(model, *, norm: str, train_stem: bool) -> None:
+def adapt_backbone(model, *, norm: BackboneNorm, train_stem: bool) -> None:
     """Make transformers' backbone trainable from scratch when asked.
 
     transformers assumes an ImageNet-pretrained backbone: it freezes BatchNorm and
@@ -139,28 +123,26 @@ def adapt_backbone(model, *, norm: str, train_stem: bool) -> None:
     every backbone layer.
     """
     backbone = model.model.backbone.model
-    if norm == "group_norm":
+    if norm == BackboneNorm.group_norm:
         for parent in list(backbone.modules()):
             for child_name, child in list(parent.named_children()):
                 if type(child).__name__ == "DeformableDetrFrozenBatchNorm2d":
                     setattr(parent, child_name, _group_norm_for(child))
-    elif norm != "frozen_bn":
-        raise ValueError(f"model.backbone.norm must be frozen_bn or group_norm, got {norm!r}")
     if train_stem:
         for parameter in backbone.parameters():
             parameter.requires_grad_(True)
 
 
-def build_model(model_cfg, class_names: list[str]):
+def build_model(model_cfg: ModelConfig, class_names: list[str]):
     """The detection model: random init from the config, or pretrained weights with a resized head."""
     if model_cfg.pretrained:
-        model = _load_pretrained(str(model_cfg.pretrained), class_names)
+        model = _load_pretrained(model_cfg.pretrained, class_names)
         log.info("Loaded pretrained weights from %s (class head resized to %d classes)", model_cfg.pretrained, len(class_names))
         return model
     from transformers import DeformableDetrForObjectDetection
 
     model = DeformableDetrForObjectDetection(build_model_config(model_cfg, class_names))
-    adapt_backbone(model, norm=str(model_cfg.backbone.norm), train_stem=bool(model_cfg.backbone.train_stem))
+    adapt_backbone(model, norm=model_cfg.backbone.norm, train_stem=model_cfg.backbone.train_stem)
     log.info(
         "Built %s from scratch: %.2fM parameters, %d classes",
         model_cfg.name,

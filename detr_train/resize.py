@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from detr_train.errors import ConfigError
 
-class ResizeScheduleError(ValueError):
-    pass
+
+class ResizeScheduleError(ConfigError):
+    """A `training.resize_schedule` that cannot be followed; the message names the entry."""
 
 
 def validate_resize_schedule(schedule) -> list[tuple[int, int]]:

@@ -15,13 +15,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from detr_train.atomic import append_durably, atomic_write
+
 log = logging.getLogger(__name__)
 
 LOG_FILE = "train.log"
 
 
 def adopt_run_dir(original: Path, fresh: Path) -> None:
-    """Log into `original`'s log from now on and drop Hydra's `fresh` folder."""
+    """Log into `original`'s log from now on and drop Hydra's `fresh` folder.
+
+    What this invocation logged so far (how it chose to resume) moves along into the original log.
+    """
     original, fresh = original.resolve(), fresh.resolve()
     if original == fresh:
         return
@@ -32,6 +37,9 @@ def adopt_run_dir(original: Path, fresh: Path) -> None:
             formatter = handler.formatter
             root.removeHandler(handler)
             handler.close()
+    fresh_log = fresh / LOG_FILE
+    if fresh_log.is_file():
+        append_durably(original / LOG_FILE, fresh_log.read_text())
     handler = logging.FileHandler(original / LOG_FILE, mode="a")
     if formatter is not None:
         handler.setFormatter(formatter)
@@ -45,7 +53,4 @@ def adopt_run_dir(original: Path, fresh: Path) -> None:
 def save_resumed_config(run_dir: Path, cfg: DictConfig) -> Path:
     """Keep the config of each resume next to the original one (which is never overwritten)."""
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    path = run_dir / ".hydra" / f"config.resumed_{stamp}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return path
+    return atomic_write(run_dir / ".hydra" / f"config.resumed_{stamp}.yaml", OmegaConf.to_yaml(cfg, resolve=True))

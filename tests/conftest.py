@@ -8,9 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from detr_train.config_path import config_dir
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads the switch when
+# it is first imported (transformers imports it), so it is set before anything else loads.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from detr_train.config import config_dir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

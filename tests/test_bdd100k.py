@@ -3,7 +3,6 @@ through our dataset and evaluator (CPU, no network)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -374,7 +373,7 @@ def test_prepare_uses_coco_json_as_it_is(bdd_tree, tmp_path):
 def test_data_bdd100k_composes_and_dispatches_to_prepare(bdd_tree):
     from hydra import compose, initialize_config_dir
 
-    from detr_train.config_path import config_dir
+    from detr_train.config import config_dir
 
     with initialize_config_dir(str(config_dir()), version_base=None):
         cfg = compose("config", overrides=["data=bdd100k", f"data.root={bdd_tree}"])
@@ -386,7 +385,7 @@ def test_data_bdd100k_composes_and_dispatches_to_prepare(bdd_tree):
 def test_baseline_experiment_preset_composes():
     from hydra import compose, initialize_config_dir
 
-    from detr_train.config_path import config_dir
+    from detr_train.config import config_dir
 
     with initialize_config_dir(str(config_dir()), version_base=None):
         cfg = compose("config", overrides=["experiment=bdd100k_baseline", "data.root=/data/bdd100k"])
@@ -501,7 +500,6 @@ def test_removed_and_merged_uncertain_boxes_count_as_background_and_objects(bdd_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not importlib.util.find_spec("detr_train.run"), reason="trainer (detr_train.run) not written yet")
 def test_data_bdd100k_trains_one_short_epoch(bdd_tree, tmp_path):
     outputs = tmp_path / "outputs"
     command = [

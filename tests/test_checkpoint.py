@@ -11,67 +11,59 @@ import pytest
 import torch
 
 from detr_train import checkpoint as ckpt
+from detr_train.checkpointer import Checkpointer, Found, candidates, numbered_name
+from detr_train.state import RngState, StrictWeights, TrainState
 
-
-def _payload(model, optimizer, scheduler, scaler, **overrides):
-    payload = {
-        ckpt.KEY_FORMAT_VERSION: ckpt.FORMAT_VERSION,
-        ckpt.KEY_MODEL: model.state_dict(),
-        ckpt.KEY_OPTIMIZER: optimizer.state_dict(),
-        ckpt.KEY_LR_SCHEDULER: scheduler.state_dict(),
-        ckpt.KEY_GRAD_SCALER: scaler.state_dict(),
-        ckpt.KEY_EPOCH: 3,
-        ckpt.KEY_BATCH_IN_EPOCH: 5,
-        ckpt.KEY_GLOBAL_STEP: 41,
-        ckpt.KEY_BEST_METRIC: 0.37,
-        ckpt.KEY_BEST_EPOCH: 2,
-        ckpt.KEY_RNG: ckpt.capture_rng_state(),
-        ckpt.KEY_CONFIG_YAML: "training:\n  epochs: 4\n",
-    }
-    payload.update(overrides)
-    return payload
+LEGACY_RUN = Path(__file__).parent / "data" / "legacy_format1_run"
 
 
 def _stateful_parts():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    scheduler.step()
-    return model, optimizer, scheduler, scaler
+    return model, optimizer, scaler
+
+
+def _checkpointer(run_dir: Path, model, optimizer, scaler, state: TrainState | None = None, **kwargs) -> Checkpointer:
+    states = {ckpt.STATE_MODEL: StrictWeights(model), ckpt.STATE_OPTIMIZER: optimizer,
+              ckpt.STATE_GRAD_SCALER: scaler, ckpt.STATE_TRAIN: state or TrainState(), ckpt.STATE_RNG: RngState()}
+    metadata = {ckpt.KEY_FORMAT_VERSION: ckpt.FORMAT_VERSION, ckpt.KEY_CONFIG_YAML: "training:\n  epochs: 4\n",
+                ckpt.KEY_CLASS_NAMES: ["a", "b"]}
+    return Checkpointer(run_dir, states, metadata, **kwargs)
+
+
+def _at(epoch: int, batch: int = 0, step: int = 0, best: tuple[float, int] = (-1.0, 0)) -> TrainState:
+    state = TrainState(epoch=epoch, batch_in_epoch=batch, global_step=step)
+    state.best_metric, state.best_epoch = best
+    return state
 
 
 def test_every_state_survives_a_round_trip(tmp_path):
-    model, optimizer, scheduler, scaler = _stateful_parts()
+    model, optimizer, scaler = _stateful_parts()
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    path = ckpt.save_checkpoint(tmp_path / "last.pt", _payload(model, optimizer, scheduler, scaler))
+    state = _at(3, 5, 41, best=(0.37, 2))
+    state.meter.add({"loss": 1.5})
+    path = _checkpointer(tmp_path, model, optimizer, scaler, state).save()
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    loaded = ckpt.load_checkpoint(path)
     # Plain torch.load with weights_only=True must accept the file as is.
     torch.load(path, weights_only=True)
 
-    fresh_model, fresh_opt, fresh_sched, fresh_scaler = (torch.nn.Linear(3, 2), None, None, None)
+    fresh_model = torch.nn.Linear(3, 2)
     fresh_opt = torch.optim.AdamW(fresh_model.parameters(), lr=1e-3)
-    fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=2)
     fresh_scaler = torch.amp.GradScaler("cpu", enabled=True)
-    ckpt.load_model_state(fresh_model, loaded[ckpt.KEY_MODEL], path)
-    fresh_opt.load_state_dict(loaded[ckpt.KEY_OPTIMIZER])
-    fresh_sched.load_state_dict(loaded[ckpt.KEY_LR_SCHEDULER])
-    fresh_scaler.load_state_dict(loaded[ckpt.KEY_GRAD_SCALER])
+    fresh_state = TrainState()
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    _checkpointer(tmp_path, fresh_model, fresh_opt, fresh_scaler, fresh_state).restore(ckpt.load_checkpoint(path), path)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
-    assert fresh_sched.state_dict() == scheduler.state_dict()
     assert fresh_scaler.get_scale() == 1024.0
-    assert (loaded[ckpt.KEY_EPOCH], loaded[ckpt.KEY_BATCH_IN_EPOCH], loaded[ckpt.KEY_GLOBAL_STEP]) == (3, 5, 41)
-    assert (loaded[ckpt.KEY_BEST_METRIC], loaded[ckpt.KEY_BEST_EPOCH]) == (0.37, 2)
-    assert loaded[ckpt.KEY_CONFIG_YAML].startswith("training:")
-    random.seed(99), np.random.seed(99), torch.manual_seed(99)
-    ckpt.restore_rng_state(loaded[ckpt.KEY_RNG])
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert fresh_state == state
+    assert ckpt.load_checkpoint(path)[ckpt.KEY_CONFIG_YAML].startswith("training:")
 
 
 class _Exploit:
@@ -82,7 +74,7 @@ class _Exploit:
 def test_a_checkpoint_carrying_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"
-    torch.save({"format_version": 1, "model": _Exploit()}, path)
+    torch.save({"format_version": 2, "model": _Exploit()}, path)
     with pytest.raises(ckpt.CheckpointError, match="refused.*posix.system") as info:
         ckpt.load_checkpoint(path)
     assert str(path) in str(info.value)
@@ -90,8 +82,11 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    model, optimizer, scheduler, scaler = _stateful_parts()
-    path = ckpt.save_checkpoint(tmp_path / "last.pt", _payload(model, optimizer, scheduler, scaler, epoch=1))
+    model, optimizer, scaler = _stateful_parts()
+    state = _at(1)
+    checkpointer = _checkpointer(tmp_path, model, optimizer, scaler, state)
+    path = checkpointer.save()
+    state.epoch = 2
 
     def failing_save(obj, handle):
         handle.write(b"PK\x03\x04 half a checkpoint")
@@ -99,10 +94,19 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, m
 
     monkeypatch.setattr(ckpt.torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(path, _payload(model, optimizer, scheduler, scaler, epoch=2))
+        checkpointer.save()
     monkeypatch.undo()
-    assert ckpt.load_checkpoint(path)[ckpt.KEY_EPOCH] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+    assert ckpt.train_state_of(ckpt.load_checkpoint(path))["epoch"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_temp_files_of_a_killed_save_are_swept_when_a_run_starts(tmp_path):
+    model, optimizer, scaler = _stateful_parts()
+    checkpointer = _checkpointer(tmp_path, model, optimizer, scaler)
+    checkpointer.save()
+    (checkpointer.folder / ".last.pt.a1b2c3.tmp").write_bytes(b"PK half")
+    checkpointer.sweep_temp_files()
+    assert [p.name for p in checkpointer.folder.iterdir()] == ["last.pt"]
 
 
 @pytest.mark.parametrize("damage,match", [
@@ -113,9 +117,9 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, m
     ("not_ours", "not a complete detr_train checkpoint"),
 ])
 def test_damaged_checkpoints_give_one_line_naming_the_file(tmp_path, damage, match):
-    model, optimizer, scheduler, scaler = _stateful_parts()
+    model, optimizer, scaler = _stateful_parts()
     path = tmp_path / "last.pt"
-    good = ckpt.save_checkpoint(tmp_path / "good.pt", _payload(model, optimizer, scheduler, scaler)).read_bytes()
+    good = _checkpointer(tmp_path / "good", model, optimizer, scaler).save().read_bytes()
     if damage == "empty":
         path.write_bytes(b"")
     elif damage == "truncated":
@@ -129,15 +133,64 @@ def test_damaged_checkpoints_give_one_line_naming_the_file(tmp_path, damage, mat
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_model_mismatch_names_the_keys(tmp_path):
-    state = torch.nn.Linear(3, 2).state_dict()
+def test_model_mismatch_names_the_keys_and_loads_nothing(tmp_path):
+    model, optimizer, scaler = _stateful_parts()
+    path = _checkpointer(tmp_path, model, optimizer, scaler).save()
+    wider = torch.nn.Linear(3, 5)
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    target = _checkpointer(tmp_path, wider, torch.optim.AdamW(wider.parameters()), torch.amp.GradScaler("cpu"))
     with pytest.raises(ckpt.CheckpointError, match=r"shape mismatch: .*weight \(2, 3\) vs \(5, 3\)") as info:
-        ckpt.load_model_state(torch.nn.Linear(3, 5), state, Path("x.pt"))
-    assert "bias" in str(info.value)
+        target.restore(ckpt.load_checkpoint(path), path)
+    assert "bias" in str(info.value) and str(path) in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())
 
 
-def test_keep_last_prunes_numbered_copies(tmp_path):
+def test_keep_last_keeps_the_newest_numbered_copies(tmp_path):
+    model, optimizer, scaler = _stateful_parts()
+    state = TrainState()
+    checkpointer = _checkpointer(tmp_path, model, optimizer, scaler, state, keep_last=2)
     for epoch in range(1, 6):
-        (tmp_path / ckpt.numbered_name(epoch)).write_bytes(b"x")
-    ckpt.prune_numbered(tmp_path, keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0004.pt", "epoch_0005.pt"]
+        state.finish_epoch(epoch)
+        checkpointer.save(epoch_end=epoch)
+    assert sorted(p.name for p in checkpointer.folder.iterdir()) == ["epoch_0004.pt", "epoch_0005.pt", "last.pt"]
+    assert [p.name for p in candidates(tmp_path)] == ["last.pt", "epoch_0005.pt", "epoch_0004.pt"]
+
+
+def test_a_best_copy_lost_to_a_crash_is_restored_from_the_checkpoint_that_names_it(tmp_path):
+    model, optimizer, scaler = _stateful_parts()
+    state = TrainState()
+    checkpointer = _checkpointer(tmp_path, model, optimizer, scaler, state)
+    state.finish_epoch(1)
+    state.observe(1, 0.2)
+    checkpointer.save(is_best=True, epoch_end=1)
+    # Epoch 2 is better, but the process dies between writing last.pt and copying it to best.pt.
+    state.finish_epoch(2)
+    state.observe(2, 0.3)
+    checkpointer.save(is_best=False, epoch_end=2)
+    assert ckpt.train_state_of(ckpt.load_checkpoint(checkpointer.best))["epoch"] == 1
+
+    found = Found(checkpointer.last, ckpt.load_checkpoint(checkpointer.last))
+    checkpointer.repair_best(found)
+    repaired = ckpt.train_state_of(ckpt.load_checkpoint(checkpointer.best))
+    assert (repaired["epoch"], repaired["best_epoch"], repaired["best_metric"]) == (2, 2, 0.3)
+    # Missing altogether: restored the same way.
+    checkpointer.best.unlink()
+    checkpointer.repair_best(found)
+    assert ckpt.train_state_of(ckpt.load_checkpoint(checkpointer.best))["epoch"] == 2
+
+
+def test_a_format_1_checkpoint_is_upgraded_on_load():
+    path = LEGACY_RUN / "checkpoints" / "last.pt"
+    payload = ckpt.load_checkpoint(path)
+    assert payload[ckpt.KEY_FORMAT_VERSION] == ckpt.FORMAT_VERSION
+    assert "lr_scheduler" not in payload
+    train = ckpt.train_state_of(payload)
+    assert (train["epoch"], train["batch_in_epoch"], train["global_step"]) == (1, 3, 15)
+    assert train["loss_meter"]["count"] == 3
+    restored = TrainState()
+    restored.load_state_dict(train)
+    assert (restored.epoch, restored.batch_in_epoch, restored.meter.count) == (1, 3, 3)
+
+
+def test_numbered_names_sort_by_epoch():
+    assert numbered_name(7) == "epoch_0007.pt" and numbered_name(12) > numbered_name(9)

@@ -29,9 +29,9 @@ def test_default_run_writes_the_run_directory(small_run_overrides, tmp_path):
     assert all(EPOCH_KEYS <= set(r) for r in records)
     assert all(0.0 <= r["map"] <= 1.0 for r in records)
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert last["epoch"] == 2
+    assert last["train"]["epoch"] == 2
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
-    assert best["best_metric"] == max(r["map"] for r in records)
+    assert best["train"]["best_metric"] == max(r["map"] for r in records)
     assert (run_dir / "hf_model" / "config.json").is_file()
     assert (run_dir / "hf_model" / "preprocessor_config.json").is_file()
 

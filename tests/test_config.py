@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from detr_train.config_path import config_dir
+from detr_train.config import config_dir
 from tests.conftest import compose_config, run_cli
 
 GROUPS = ["model", "data", "training", "budget"]

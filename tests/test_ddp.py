@@ -48,7 +48,8 @@ def _noisy_detections(coco_gt, seed: int) -> list[dict]:
 def _gathered_eval_worker(rank: int, world_size: int, port: int, val_ann: str, out: str) -> None:
     import torch.distributed as dist
 
-    from detr_train.distributed import DistContext, gathered_coco_evaluate
+    from detr_train.evaluation import gathered_coco_evaluate
+    from detr_train.launch_env import DistContext
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
@@ -160,8 +161,8 @@ def test_two_ranks_hold_identical_parameters_after_every_step(two_process_run):
     log_text = (run_dir / "train.log").read_text()
     checked = [line for line in log_text.splitlines() if "parameters identical on all 2 ranks" in line]
     assert len(checked) == steps
-    saved = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert saved[ckpt.KEY_WORLD_SIZE] == 2 and saved[ckpt.KEY_EFFECTIVE_BATCH_SIZE] == 8
+    saved = ckpt.train_state_of(ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+    assert saved["world_size"] == 2 and saved["effective_batch_size"] == 8
 
 
 def test_rank_zero_alone_writes_one_run_directory(two_process_run):
@@ -176,17 +177,14 @@ def test_rank_zero_alone_writes_one_run_directory(two_process_run):
 
 
 def test_the_sharded_evaluation_matches_one_process_evaluating_the_same_weights(two_process_run):
-    from detr_train.engine import evaluate
-    from detr_train.run import Trainer
+    from detr_train.trainer import Trainer
 
     work, overrides, _ = two_process_run
     (run_dir,) = (work / "outputs" / "ddp").iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trainer = Trainer(compose_config(overrides), work / "single_eval")
-    ckpt.load_model_state(trainer.model, ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")[ckpt.KEY_MODEL],
-                          run_dir / "checkpoints" / "last.pt")
-    metrics = evaluate(trainer.model, trainer.val_loader, trainer.processor, trainer.precision, trainer.device,
-                       trainer.coco_gt, trainer.data.val.image_ids, trainer.data.train.categories.category_id)
+    trainer.model.load_state_dict(ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")[ckpt.STATE_MODEL])
+    metrics = trainer.evaluate()
     # Other batch compositions change the float sums in the last bits only.
     assert metrics["map"] == pytest.approx(records[-1]["map"], abs=1e-4)
     assert metrics["map_50"] == pytest.approx(records[-1]["map_50"], abs=1e-4)
@@ -205,8 +203,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_pa
     assert [r["epoch"] for r in records] == [1, 2, 3]
     # Epoch 3 on one process: 12 steps, after the schedule was moved to 2 epochs x 12 steps.
     assert records[-1]["global_step"] == 36
-    saved = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert saved[ckpt.KEY_WORLD_SIZE] == 1 and saved[ckpt.KEY_EFFECTIVE_BATCH_SIZE] == 4
+    saved = ckpt.train_state_of(ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+    assert saved["world_size"] == 1 and saved["effective_batch_size"] == 4
 
 
 def test_torchrun_refuses_a_search_trial(synthetic_root, tmp_path):

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from detr_train.config.checks import check_config
 from detr_train.model import PretrainedUnavailableError, _hub_unreachable, build_model, build_model_config
 from tests.conftest import compose_config
 
@@ -26,7 +27,7 @@ def test_tiny_model_trains_its_whole_backbone():
 
 def test_one_decoder_layer_is_refused_clearly():
     with pytest.raises(ValueError, match="decoder_layers must be >= 2"):
-        build_model(compose_config(["model.decoder_layers=1"]).model, ["a"])
+        check_config(compose_config(["model.decoder_layers=1"]))
 
 
 def test_pretrained_round_trip_from_a_local_folder(tmp_path):

@@ -33,7 +33,7 @@ def test_wheel_ships_the_config_tree_and_runs_from_it(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "subset_size: 100" in result.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import detr_train.config_path as c; print(c.config_dir())"],
+        [sys.executable, "-c", "import detr_train.config as c; print(c.config_dir())"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env,
     )
     assert probe.stdout.strip() == str(site / "detr_train" / "conf")

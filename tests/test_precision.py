@@ -8,9 +8,12 @@ import types
 import pytest
 import torch
 
-from detr_train.engine import LossMeter, NonFiniteLossError, StepSettings, train_one_epoch
+from detr_train.config.schema import ScheduleConfig, ScheduleName
+from detr_train.engine import EpochPlan, NonFiniteLossError, NonFinitePolicy, TrainStep, train_one_epoch
 from detr_train.model import build_model
+from detr_train.optim import LRSchedule
 from detr_train.precision import keep_deformable_attention_fp32, resolve_precision
+from detr_train.state import TrainState
 from tests.conftest import compose_config
 
 
@@ -63,12 +66,13 @@ def _batches(n):
 
 def _train(model, nonfinite, max_steps=5):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    settings = StepSettings(grad_clip=1.0, nonfinite=nonfinite, max_nonfinite_steps=max_steps, log_every=0, progress=False)
-    meter = LossMeter()
-    train_one_epoch(model, _batches(4), optimizer, scheduler, resolve_precision(False, "bfloat16", torch.device("cpu")),
-                    torch.device("cpu"), settings, meter, epoch=1)
-    return meter
+    constant = ScheduleConfig(name=ScheduleName.constant, warmup_steps=0, step_epochs=[], gamma=0.1, min_lr_ratio=0.0)
+    step = TrainStep(model, optimizer, LRSchedule(optimizer, constant, total_steps=4, steps_per_epoch=4),
+                     resolve_precision(False, "bfloat16", torch.device("cpu")), grad_clip=1.0,
+                     nonfinite=NonFinitePolicy(nonfinite, max_steps), device=torch.device("cpu"))
+    state = TrainState()
+    train_one_epoch(step, _batches(4), state, EpochPlan(epoch=1, total_batches=4), lambda: False)
+    return state.meter
 
 
 def test_nonfinite_loss_is_skipped_without_touching_the_weights(caplog):
@@ -83,8 +87,9 @@ def test_nonfinite_loss_is_skipped_without_touching_the_weights(caplog):
 
 def test_nonfinite_loss_stops_when_configured():
     model = _NaNAfter(bad_from=2)
-    with pytest.raises(NonFiniteLossError, match="training.nonfinite"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss") as info:
         _train(model, "stop")
+    assert "training.nonfinite" in info.value.hint
     assert torch.isfinite(model.weight).all()
 
 

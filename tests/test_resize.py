@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from detr_train import checkpoint as ckpt
+from detr_train.plan import plan
 from detr_train.resize import ResizeScheduleError, size_for_epoch, validate_resize_schedule
-from detr_train.resume import find_resume_target, reconcile_config
-from detr_train.run import Trainer
+from detr_train.trainer import Trainer
 from tests.conftest import compose_config
 
 
@@ -62,9 +61,8 @@ def test_workers_produce_the_scheduled_size_across_a_resume(small_run_overrides,
     run_dir = tmp_path / "run"
     Trainer(compose_config(overrides + ["training.epochs=2"]), run_dir).fit()
     # Resume lands after the switch at epoch 2: epoch 3 must use its own size.
-    target = find_resume_target(str(run_dir), Path("unused"), "unused")
-    resumed = Trainer(reconcile_config(target.payload[ckpt.KEY_CONFIG_YAML],
-                                       compose_config(overrides + ["training.epochs=3"])), run_dir)
-    resumed.restore(target)
+    resumed_plan = plan(compose_config(overrides + ["training.epochs=3", f"training.resume={run_dir}"]), run_dir)
+    resumed = Trainer(resumed_plan.cfg, resumed_plan.run_dir)
+    resumed.restore(resumed_plan.resume_from)
     resumed.fit()
     assert _input_sizes(run_dir) == {1: (64, [64, 64]), 2: (80, [80, 80]), 3: (48, [48, 48])}

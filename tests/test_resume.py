@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from detr_train import checkpoint as ckpt
-from detr_train.resume import find_resume_target, reconcile_config
-from detr_train.run import Trainer
+from detr_train.plan import plan
+from detr_train.trainer import Trainer
 from tests.conftest import SMALL_SYNTHETIC, compose_config, run_cli
 
 # LR schedules that depend only on the step (not on the total length) make
@@ -32,11 +32,15 @@ def _records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
 
 
+def _train_state(path: Path) -> dict:
+    return ckpt.train_state_of(ckpt.load_checkpoint(path))
+
+
 def _resume(cfg, run_dir: Path) -> Trainer:
-    target = find_resume_target(str(run_dir), Path("unused"), "unused")
-    resumed_cfg = reconcile_config(target.payload[ckpt.KEY_CONFIG_YAML], cfg)
-    trainer = Trainer(resumed_cfg, target.run_dir)
-    trainer.restore(target)
+    cfg.training.resume = str(run_dir)
+    resumed = plan(cfg, run_dir)
+    trainer = Trainer(resumed.cfg, resumed.run_dir)
+    trainer.restore(resumed.resume_from)
     trainer.fit()
     return trainer
 
@@ -55,7 +59,7 @@ def _assert_same_run(straight: Trainer, resumed: Trainer):
     assert _records(resumed.run_dir) == _records(straight.run_dir)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
-    assert resumed.progress == straight.progress
+    assert resumed.state == straight.state
 
 
 def test_two_epochs_then_resume_equals_four_straight(straight_run, small_run_overrides, tmp_path):
@@ -74,19 +78,19 @@ class _Crash(RuntimeError):
 def test_mid_epoch_checkpoint_resumes_at_the_exact_batch(straight_run, small_run_overrides, tmp_path, monkeypatch):
     run_dir = tmp_path / "crashed"
     trainer = Trainer(_cfg(small_run_overrides, "training.checkpoint.every_n_steps=5"), run_dir)
-    original_save = trainer.save
+    original_save = trainer.checkpointer.save
 
     def save_then_crash(**kwargs):
         path = original_save(**kwargs)
-        if trainer.progress.global_step == 15:  # 12 batches per epoch: epoch 2, batch 3
+        if trainer.state.global_step == 15:  # 12 batches per epoch: epoch 2, batch 3
             raise _Crash
         return path
 
-    monkeypatch.setattr(trainer, "save", save_then_crash)
+    monkeypatch.setattr(trainer.checkpointer, "save", save_then_crash)
     with pytest.raises(_Crash):
         trainer.fit()
-    saved = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert (saved[ckpt.KEY_EPOCH], saved[ckpt.KEY_BATCH_IN_EPOCH]) == (1, 3)
+    saved = _train_state(run_dir / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (1, 3)
     _assert_same_run(straight_run, _resume(_cfg(small_run_overrides), run_dir))
 
 
@@ -103,8 +107,8 @@ def test_sigterm_stops_cleanly_and_resumes_exactly(straight_run, small_run_overr
     handle = trainer.model.register_forward_pre_hook(preempt)
     trainer.fit()  # returns normally: the signal only asks for a clean stop
     handle.remove()
-    saved = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert saved[ckpt.KEY_GLOBAL_STEP] == 18 and saved[ckpt.KEY_BATCH_IN_EPOCH] == 6
+    saved = _train_state(run_dir / "checkpoints" / "last.pt")
+    assert saved["global_step"] == 18 and saved["batch_in_epoch"] == 6
     assert [r["epoch"] for r in _records(run_dir)] == [1]
     _assert_same_run(straight_run, _resume(_cfg(small_run_overrides), run_dir))
 
@@ -133,11 +137,12 @@ def test_resume_from_damaged_last_uses_newest_intact_and_reports(small_run_overr
     Trainer(_cfg(small_run_overrides, "training.epochs=2", "training.checkpoint.keep_last=2"), run_dir).fit()
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
-    target = find_resume_target(str(run_dir), Path("unused"), "unused")
-    assert target.checkpoint.name == "epoch_0002.pt"
+    cfg = _cfg(small_run_overrides, f"training.resume={run_dir}")
+    target = plan(cfg, tmp_path / "fresh").resume_from
+    assert target.path.name == "epoch_0002.pt"
     assert any("last.pt is truncated or corrupted" in reason for reason in target.skipped)
     with pytest.raises(ckpt.CheckpointError, match="last.pt is truncated"):
-        find_resume_target(str(last), Path("unused"), "unused")
+        plan(_cfg(small_run_overrides, f"training.resume={last}"), tmp_path / "fresh")
 
 
 def test_incompatible_checkpoint_is_refused_and_the_run_dir_untouched(small_run_overrides, tmp_path):
@@ -185,8 +190,8 @@ def test_sigterm_to_the_cli_process_checkpoints_and_auto_resume_finishes(small_r
     assert process.returncode == 0, output[-2000:]
     assert "training.resume=" in output
     (run_dir,) = runs.iterdir()
-    saved = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert 1 <= saved[ckpt.KEY_EPOCH] < 6
+    saved = _train_state(run_dir / "checkpoints" / "last.pt")
+    assert 1 <= saved["epoch"] < 6
     finished = run_cli(args + ["training.resume=auto"])
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert [p.name for p in runs.iterdir()] == [run_dir.name]
@@ -213,19 +218,19 @@ def test_a_requeued_job_started_again_without_a_resume_path_continues_mid_epoch(
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-2000:]
-    stopped = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    stopped = _train_state(run_dir / "checkpoints" / "last.pt")
     # Stopped inside epoch 2, not at an epoch boundary.
-    assert stopped[ckpt.KEY_EPOCH] == 1 and stopped[ckpt.KEY_BATCH_IN_EPOCH] > 0
+    assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] > 0
 
     again = run_cli(args, env={"SLURM_JOB_ID": "4242"})
     assert again.returncode == 0, again.stderr[-2000:]
     log_text = (run_dir / "train.log").read_text()
     assert "already holds a run; continuing it from last.pt" in log_text
-    assert f"continuing at epoch 2, batch {stopped[ckpt.KEY_BATCH_IN_EPOCH]}" in log_text
+    assert f"continuing at epoch 2, batch {stopped['batch_in_epoch']}" in log_text
     assert [p.name for p in run_dir.parent.iterdir()] == ["slurm_4242"]
     assert [r["epoch"] for r in _records(run_dir)] == [1, 2, 3]
-    final = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert final[ckpt.KEY_GLOBAL_STEP] == 3 * 12  # 48 images / batch 4, every step taken exactly once
+    final = _train_state(run_dir / "checkpoints" / "last.pt")
+    assert final["global_step"] == 3 * 12  # 48 images / batch 4, every step taken exactly once
 
 
 def test_a_stop_signal_is_passed_on_to_the_previous_handler_after_the_checkpoint():
@@ -242,3 +247,26 @@ def test_a_stop_signal_is_passed_on_to_the_previous_handler_after_the_checkpoint
             assert received == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+LEGACY_RUN = Path(__file__).parent / "data" / "legacy_format1_run"
+# The settings tests/data/legacy_format1_run was trained with (checkpoint format 1, the first
+# release): a tiny model stopped at epoch 2, batch 3 by a mid-epoch checkpoint.
+LEGACY = ["training.schedule.name=step", "training.schedule.step_epochs=[2]", "training.epochs=2",
+          "training.val_subset_size=8", "training.checkpoint.every_n_steps=5", "model.d_model=32",
+          "model.encoder_ffn_dim=64", "model.decoder_ffn_dim=64", "model.num_queries=5",
+          "model.encoder_attention_heads=2", "model.decoder_attention_heads=2", "model.backbone.embedding_size=8",
+          "model.backbone.hidden_sizes=[8,16,32]"]
+
+
+def test_a_run_checkpointed_by_the_first_release_resumes_as_if_never_stopped(small_run_overrides, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "legacy"
+    shutil.copytree(LEGACY_RUN, run_dir)
+    straight = Trainer(compose_config(small_run_overrides + LEGACY), tmp_path / "straight")
+    straight.fit()
+    # The dataset has moved since (data.root may change on resume); everything else comes from the checkpoint.
+    resumed = _resume(compose_config(small_run_overrides + LEGACY), run_dir)
+    assert [r["epoch"] for r in _records(run_dir)] == [1, 2]
+    _assert_same_run(straight, resumed)

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 from search_app.harness import load_study, read_trials_csv, run_app
 
-from detr_train.config_path import config_dir
+from detr_train.config import config_dir
 
 SPACE = ("x=interval(0, 1)", "y=interval(0, 1)", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from detr_train.config_path import config_dir
+from detr_train.config import config_dir
 
 PRESETS = sorted(p.stem for p in (config_dir() / "search").glob("*.yaml"))
 
@@ -40,7 +40,7 @@ def test_other_samplers_and_pruners_swap_in_without_clashing_with_the_preset(tmp
 
 def test_a_misspelt_key_in_a_search_is_refused_before_any_trial(tmp_path):
     result = _detr_train(tmp_path, "search=lr", "training.lrr=tag(log, interval(1e-5, 1e-3))")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "The search space does not fit the config: Could not override 'training.lrr'" in result.stderr
     assert not list(tmp_path.rglob("trial_*"))
 
@@ -51,7 +51,7 @@ def test_an_lr_trial_trains_the_budgets_epochs(budget, trial_epochs):
     training length (4); a smaller budget still caps it."""
     from hydra import compose, initialize_config_dir
 
-    from detr_train.run import epochs_to_train
+    from detr_train.trainer import epochs_to_train
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=["search=lr", f"budget={budget}"])

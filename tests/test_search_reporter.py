@@ -134,7 +134,8 @@ def test_the_trainer_stops_a_pruned_trial_but_never_discards_its_last_epoch(smal
     # A pruner that prunes every report (mAP is always below 1) stops a 2-epoch trial after
     # epoch 1; a 1-epoch trial is not asked after its only, and last, epoch: pruning there
     # (a successive-halving rung can land on it) would only throw away a finished result.
-    from detr_train.run import Trainer
+    from detr_train.search.callbacks import trial_callbacks
+    from detr_train.trainer import Trainer
     from tests.conftest import compose_config
 
     url = str(tmp_path / "journal.log")
@@ -146,7 +147,7 @@ def test_the_trainer_stops_a_pruned_trial_but_never_discards_its_last_epoch(smal
             f"training.epochs={epochs}", "training.subset_size=8", "training.val_subset_size=8",
             "trial.study_name=s", f"trial.storage={url}", f"trial.number={trial.number}",
         ])
-        Trainer(cfg, tmp_path / f"trial_{trial.number}").fit()
+        Trainer(cfg, tmp_path / f"trial_{trial.number}", callbacks=trial_callbacks(cfg.trial)).fit()
     cut_short, last_epoch_only = study.trials
     assert list(cut_short.intermediate_values) == [1]
     assert cut_short.user_attrs[attrs.PRUNED_AT] == 1

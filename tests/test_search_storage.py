@@ -76,7 +76,7 @@ def test_a_resumed_study_must_keep_its_search_space_kinds_and_direction(tmp_path
         ((*SPACE, "hydra.sweeper.direction=minimize"), "was created to maximize, but hydra.sweeper.direction=minimize"),
     ]:
         result = run_app(sweep_dir, *change, "hydra.sweeper.n_trials=2", check=False)
-        assert result.returncode == 1 and message in result.stderr
+        assert result.returncode == 2 and message in result.stderr
     assert len(load_study(sweep_dir).trials) == 1
 
 

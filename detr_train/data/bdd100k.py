@@ -56,15 +56,14 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
-import secrets
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detr_train.atomic import atomic_write
 from detr_train.data.sources import DatasetError, SplitPaths, resolve_under_root
 
 log = logging.getLogger(__name__)
@@ -433,21 +432,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see the old file or the complete new one, never half.
 
     Parallel jobs of a sweep may convert the same file at the same moment; each writes
-    its own temp file and the last `os.replace` wins with identical content.
+    its own temp file and the last rename wins with identical content.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "x" (not mkstemp, whose 0600 mode would hide a cache in a
-    # shared dataset folder from other users): permissions follow the umask.
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "x", encoding="utf-8") as file:
-            json.dump(data, file, separators=(",", ":"))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data, separators=(",", ":")))
 
 
 def convert_file(

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from detr_train.errors import DetrTrainError
 
-class DatasetError(ValueError):
+
+class DatasetError(DetrTrainError, ValueError):
     """A dataset that cannot be used as configured; the message names the file or key."""
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from hydra.errors import CompactHydraException
 
+from detr_train.errors import DetrTrainError
 
-class SearchConfigError(CompactHydraException):
+
+class SearchConfigError(DetrTrainError, CompactHydraException):
     """The sweep cannot start: bad search space, sampler, pruner or storage.
 
-    A CompactHydraException: Hydra prints just the message (no traceback) and exits 1.
+    The sweeper prints it as one line and exits with status 2, like any config error.
     """
 
 
 class TooManyFailedTrials(CompactHydraException):
-    """More trials crashed than `hydra.sweeper.max_failure_rate` allows."""
+    """More trials crashed than `hydra.sweeper.max_failure_rate` allows (Hydra prints the
+    message without a traceback and exits 1)."""
 
 
 class SweepInterrupted(CompactHydraException):

@@ -7,7 +7,6 @@ survive a sweep that is killed halfway.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from collections.abc import Iterable, Mapping
@@ -19,6 +18,7 @@ import pandas as pd
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from detr_train.atomic import atomic_write
 from detr_train.search import attrs
 from detr_train.search.overrides import override
 
@@ -46,7 +46,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 def write_trials_csv(study: optuna.Study, sweep_dir: Path) -> Path:
     path = Path(sweep_dir) / TRIALS_CSV
-    _write_atomically(path, trials_frame(study).to_csv(index=False))
+    atomic_write(path, trials_frame(study).to_csv(index=False))
     return path
 
 
@@ -82,10 +82,9 @@ def write_best_trial(
         f"#   or:  {command}\n"
     )
     sweep_dir = Path(sweep_dir)
-    _write_atomically(sweep_dir / BEST_TRIAL_YAML, header + yaml.safe_dump(summary, sort_keys=False))
-    script = sweep_dir / RERUN_BEST_SCRIPT
-    _write_atomically(script, f"#!/bin/sh\n# Trial {best.number} of study '{study.study_name}' at full budget.\nexec {command} \"$@\"\n")
-    script.chmod(0o755)
+    atomic_write(sweep_dir / BEST_TRIAL_YAML, header + yaml.safe_dump(summary, sort_keys=False))
+    script = f"#!/bin/sh\n# Trial {best.number} of study '{study.study_name}' at full budget.\nexec {command} \"$@\"\n"
+    atomic_write(sweep_dir / RERUN_BEST_SCRIPT, script, executable=True)
     return sweep_dir / BEST_TRIAL_YAML
 
 
@@ -136,10 +135,3 @@ def _is_search_only(key: str) -> bool:
 
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Readers (a notebook polling trials.csv, a second sweeper) never see half a file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -14,6 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
+from detr_train.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 PLOTS_DIR = "plots"
@@ -102,5 +104,4 @@ def _importances_figure(study: optuna.Study) -> Figure | None:
 
 def _save(figure: Figure, path: Path) -> Path:
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=100)
-    return path
+    return atomic_write(path, lambda handle: figure.savefig(handle, dpi=100, format="png"))

@@ -14,6 +14,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from detr_train.errors import exit_with_error, verbose
 from detr_train.search.errors import SearchConfigError
 
 DIRECTIONS = ("maximize", "minimize")
@@ -33,7 +34,7 @@ class SweepSettings:
     max_failure_rate: float
     params: Any
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.direction not in DIRECTIONS:
             raise SearchConfigError(
                 f"hydra.sweeper.direction must be one of {DIRECTIONS} (one objective: the job's return "
@@ -93,4 +94,11 @@ class OptunaSearchSweeper(Sweeper):
         from detr_train.search.session import run_search
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
-        return run_search(self, list(arguments))
+        try:
+            self.settings.check()
+            return run_search(self, list(arguments))
+        except SearchConfigError as error:
+            # A mistake in the request: one line, like every other config error of detr-train.
+            if verbose():
+                raise
+            exit_with_error(error)

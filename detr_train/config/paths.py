@@ -8,7 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+# detr_train/ (this file lives in detr_train/config/).
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def config_dir() -> Path:

@@ -1,0 +1,225 @@
+"""The typed shape of detr-train's config: Hydra structured configs in the ConfigStore.
+
+`conf/config.yaml` puts `detr_train_schema` first in its defaults list, so every YAML
+file and every command-line override is merged into these dataclasses while Hydra
+composes the config: an unknown key or a value of the wrong type (`training.epochs=2.5`,
+`training.schedule.name=linear`) fails then, naming the key, before anything is built.
+Ranges and relations between keys are checked right after by `config.checks`.
+
+The YAML files hold the values (they are the documented defaults users read and copy);
+fields here are MISSING unless a key was added after checkpoint format 1, whose default
+keeps the behaviour that older checkpoints were trained with.
+
+This module imports neither torch nor transformers: the CLI registers it at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+SCHEMA_NAME = "detr_train_schema"
+
+
+class ScheduleName(str, Enum):
+    cosine = "cosine"
+    step = "step"
+    constant = "constant"
+
+
+class AmpDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class NonFinitePolicy(str, Enum):
+    skip = "skip"
+    stop = "stop"
+
+
+class BackboneNorm(str, Enum):
+    frozen_bn = "frozen_bn"
+    group_norm = "group_norm"
+
+
+# --- model -----------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneConfig:
+    embedding_size: int = MISSING
+    hidden_sizes: List[int] = MISSING
+    depths: List[int] = MISSING
+    layer_type: str = MISSING
+    norm: BackboneNorm = MISSING
+    train_stem: bool = MISSING
+    out_features: List[str] = MISSING
+
+
+@dataclass
+class LossConfig:
+    # Whole numbers (checked): transformers' DeformableDetrConfig stores these as int.
+    class_cost: float = MISSING
+    bbox_cost: float = MISSING
+    giou_cost: float = MISSING
+    bbox_loss_coefficient: float = MISSING
+    giou_loss_coefficient: float = MISSING
+    focal_alpha: float = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    pretrained: Optional[str] = None
+    d_model: int = MISSING
+    encoder_layers: int = MISSING
+    decoder_layers: int = MISSING
+    encoder_attention_heads: int = MISSING
+    decoder_attention_heads: int = MISSING
+    encoder_ffn_dim: int = MISSING
+    decoder_ffn_dim: int = MISSING
+    num_queries: int = MISSING
+    num_feature_levels: int = MISSING
+    encoder_n_points: int = MISSING
+    decoder_n_points: int = MISSING
+    dropout: float = MISSING
+    with_box_refine: bool = MISSING
+    two_stage: bool = MISSING
+    auxiliary_loss: bool = MISSING
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateConfig:
+    """How `data=synthetic` draws its images (only that kind has it)."""
+
+    num_train: int = MISSING
+    num_val: int = MISSING
+    image_size: Optional[int] = MISSING  # square images of this size, or null with image_size_range
+    image_size_range: Optional[List[int]] = None  # [min, max]: width and height drawn in it
+    small_shapes: bool = False  # antialiased tiny shapes (data=synthetic_small)
+    classes: List[str] = MISSING
+    max_objects: int = MISSING
+    min_object_size: int = MISSING
+    max_object_size: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: str = MISSING
+    train_images: str = MISSING
+    val_images: str = MISSING
+    train_ann: str = MISSING
+    val_ann: str = MISSING
+    num_workers: int = MISSING
+    persistent_workers: bool = False
+    image_size: int = MISSING
+    eval_size: int = MISSING
+    max_size_ratio: float = MISSING
+    hflip_prob: float = MISSING
+    # Only some kinds use these; null elsewhere.
+    generate: Optional[GenerateConfig] = None  # synthetic
+    uncertain: Optional[str] = None  # bdd100k: ignore | remove | merge
+    cache_dir: Optional[str] = None  # bdd100k
+
+
+# --- training --------------------------------------------------------------------------
+
+
+@dataclass
+class ScheduleConfig:
+    name: ScheduleName = MISSING
+    warmup_steps: int = MISSING
+    step_epochs: List[int] = MISSING
+    gamma: float = MISSING
+    min_lr_ratio: float = MISSING
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = MISSING
+    every_n_steps: int = MISSING
+
+
+@dataclass
+class DdpConfig:
+    find_unused_parameters: bool = False
+    check_replicas_every: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    backbone_lr_mult: float = MISSING
+    linear_proj_lr_mult: float = MISSING
+    weight_decay: float = MISSING
+    grad_clip: float = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    amp: bool = MISSING
+    amp_dtype: AmpDtype = MISSING
+    nonfinite: NonFinitePolicy = MISSING
+    max_nonfinite_steps: int = MISSING
+    resume: Optional[str] = None
+    subset_size: Optional[int] = None
+    subset_seed: int = MISSING
+    overfit: bool = MISSING
+    overfit_size: int = MISSING
+    val_subset_size: Optional[int] = None
+    resize_schedule: Optional[List[List[int]]] = None
+    eval_every: int = MISSING
+    log_every: int = MISSING
+    # auto: progress bars only on a terminal.
+    progress: Union[bool, str] = MISSING
+    export_hf: bool = MISSING
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
+
+
+# --- budget, search channel, root --------------------------------------------------------
+
+
+@dataclass
+class BudgetConfig:
+    """Caps, not demands: a run trains min(its own setting, the cap)."""
+
+    max_epochs: Optional[int] = None
+    max_train_images: Optional[int] = None
+    max_val_images: Optional[int] = None
+
+
+@dataclass
+class TrialConfig:
+    """Filled in by the sweeper for each trial of a search; null outside one."""
+
+    study_name: Optional[str] = None
+    storage: Optional[str] = None
+    number: Optional[int] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
+    name: str = MISSING
+    output_root: str = MISSING
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config, provider="detr_train")

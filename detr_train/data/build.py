@@ -1,0 +1,100 @@
+"""From the `data` and `training` configs to the datasets and loaders a run trains on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from detr_train.config.schema import BudgetConfig, DataConfig, TrainingConfig
+from detr_train.data.coco import CocoDetectionDataset
+from detr_train.data.collate import DetrCollator
+from detr_train.data.sampling import EpochBatchSampler, select_training_images
+from detr_train.data.sources import DatasetError, prepare_dataset
+from detr_train.launch_env import DistContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    train: CocoDetectionDataset
+    val: CocoDetectionDataset
+    val_ann: Path
+    class_names: list[str]
+
+
+def capped(value: int | None, cap: int | None) -> int | None:
+    """A budget is a cap, not a demand: the smaller of a setting and its cap (either may be null)."""
+    if cap is None:
+        return value
+    return cap if value is None else min(value, cap)
+
+
+def build_data(data_cfg: DataConfig, train_cfg: TrainingConfig, budget: BudgetConfig) -> DataBundle:
+    paths = prepare_dataset(data_cfg)
+    overfit = train_cfg.overfit
+    full_train = CocoDetectionDataset(
+        paths.train_images, paths.train_ann, augment=not overfit and data_cfg.hflip_prob > 0,
+        hflip_prob=data_cfg.hflip_prob, seed=train_cfg.seed, default_size=data_cfg.image_size,
+    )
+    train_ids = select_training_images(
+        full_train.image_ids, subset_size=train_cfg.subset_size, subset_seed=train_cfg.subset_seed,
+        overfit=overfit, overfit_size=train_cfg.overfit_size, budget_cap=budget.max_train_images,
+        source=f"training set {paths.train_ann}",
+    )
+    train = full_train.subset(train_ids)
+    if overfit:
+        # Overfit mode scores the very images it trains on, unaugmented.
+        val = full_train.subset(train_ids)
+        val.augment = False
+        val_ann = paths.train_ann
+    else:
+        full_val = CocoDetectionDataset(paths.val_images, paths.val_ann, default_size=data_cfg.eval_size)
+        if full_val.categories.category_ids != full_train.categories.category_ids:
+            raise DatasetError(
+                f"{paths.val_ann} and {paths.train_ann} define different categories "
+                f"({full_val.categories.category_ids} vs {full_train.categories.category_ids})"
+            )
+        limit = capped(train_cfg.val_subset_size, budget.max_val_images)
+        val = full_val if limit is None else full_val.subset(full_val.image_ids[:limit])
+        val_ann = paths.val_ann
+    log.info("Data: %d training images, %d evaluation images, %d classes",
+             len(train), len(val), len(full_train.categories))
+    return DataBundle(train, val, val_ann, list(full_train.categories.names))
+
+
+def training_sampler(num_images: int, train_cfg: TrainingConfig, size_for_epoch: Callable[[int], int],
+                     dist: DistContext) -> EpochBatchSampler:
+    return EpochBatchSampler(
+        num_images, train_cfg.batch_size, shuffle=not train_cfg.overfit, seed=train_cfg.seed,
+        size_for_epoch=size_for_epoch, rank=dist.rank, world_size=dist.world_size,
+    )
+
+
+def evaluation_sampler(num_images: int, batch_size: int, eval_size: int, dist: DistContext) -> EpochBatchSampler:
+    # Evaluation shards are not padded: a repeated image would count twice in COCOeval.
+    return EpochBatchSampler(
+        num_images, batch_size, shuffle=False, seed=0, size_for_epoch=lambda epoch: eval_size,
+        rank=dist.rank, world_size=dist.world_size, pad=False,
+    )
+
+
+def make_loader(dataset, batch_sampler, collator: DetrCollator, data_cfg: DataConfig, seed: int,
+                device: torch.device) -> DataLoader:
+    workers = data_cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collator,
+        num_workers=workers,
+        persistent_workers=workers > 0 and data_cfg.persistent_workers,
+        pin_memory=device.type == "cuda",
+        # Worker seeds come from this generator, not the global RNG, so creating an
+        # iterator never shifts the training RNG stream (exact resume).
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,44 @@
+"""The search's part in a training run: a callback that reports validation mAP to the trial
+and ends the run when Optuna prunes it.
+
+The CLI adds it to a run inside a search (`trial.number` set); training never imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from detr_train.callbacks import Callback, EpochResult
+from detr_train.search.reporter import Reporter, reporter_for
+
+log = logging.getLogger(__name__)
+
+
+class ReportToTrial(Callback):
+    """After every evaluated epoch: report mAP; stop the run when the trial should be pruned.
+
+    A trial is never pruned after its last epoch: nothing is left to save there, and a
+    successive-halving rung that falls on it would only discard a finished result.
+    """
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+
+    def on_epoch_end(self, trainer, result: EpochResult) -> None:
+        if result.metrics is None:
+            return
+        self.reporter.report(result.epoch, result.metrics["map"])
+        if result.epoch < trainer.epochs and self.reporter.should_prune():
+            log.info("Trial pruned by the search after epoch %d (mAP %.4f)", result.epoch, result.metrics["map"])
+            trainer.request_stop("pruned by the search", interrupted=False)
+
+    def on_interrupt(self, trainer, where: str) -> None:
+        self.reporter.interrupted(trainer.stop_request.reason)
+
+
+def trial_callbacks(trial_cfg: Any) -> list[Callback]:
+    """[ReportToTrial] inside a search (`trial.number` set), [] otherwise (Optuna not imported)."""
+    if trial_cfg is None or trial_cfg.get("number") is None:
+        return []
+    return [ReportToTrial(reporter_for(trial_cfg))]

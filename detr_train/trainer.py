@@ -1,0 +1,220 @@
+"""One training run: the Trainer builds the parts, loads a resume plan, and runs the loop.
+
+`run(plan)` takes a resume plan (config, run directory, checkpoint) and never touches
+Hydra; it returns the best validation mAP, which is also a search's objective. Everything
+around the loop (evaluation, metric log, checkpoints, signals, export, search reporting)
+is a callback (`detr_train.callbacks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from detr_train import distributed
+from detr_train import callbacks as cb
+from detr_train.checkpoint import KEY_CLASS_NAMES, KEY_CONFIG_YAML, KEY_FORMAT_VERSION, FORMAT_VERSION
+from detr_train.checkpoint import STATE_GRAD_SCALER, STATE_MODEL, STATE_OPTIMIZER, STATE_RNG, STATE_TRAIN
+from detr_train.checkpointer import Checkpointer, Found
+from detr_train.config.schema import Config
+from detr_train.data.build import build_data, capped, evaluation_sampler, make_loader, training_sampler
+from detr_train.data.collate import DetrCollator
+from detr_train.engine import EpochPlan, Evaluator, NonFinitePolicy, TrainStep, train_one_epoch
+from detr_train.errors import ConfigError
+from detr_train.evaluation import load_coco_ground_truth
+from detr_train.launch_env import SINGLE_PROCESS, DistContext
+from detr_train.metrics_log import MetricsLog
+from detr_train.model import build_image_processor, build_model
+from detr_train.optim import LRSchedule, build_optimizer
+from detr_train.plan import Plan
+from detr_train.precision import keep_deformable_attention_fp32, resolve_precision
+from detr_train.resize import size_for_epoch, validate_resize_schedule
+from detr_train.rundir import save_resumed_config
+from detr_train.state import RngState, StepLayout, StrictWeights, TrainState
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training.device={name!r} but CUDA is not available on this machine",
+                          hint="use training.device=auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def show_progress(setting: bool | str) -> bool:
+    return sys.stderr.isatty() if setting == "auto" else bool(setting)
+
+
+def epochs_to_train(cfg: Config) -> int:
+    """The run's length: `training.epochs`, capped by the budget."""
+    return capped(cfg.training.epochs, cfg.budget.max_epochs)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, dist: DistContext = SINGLE_PROCESS,
+                 callbacks: list[cb.Callback] = ()):
+        self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist
+        train_cfg = cfg.training
+        self.resize_schedule = validate_resize_schedule(OmegaConf.to_container(train_cfg.resize_schedule)
+                                                        if train_cfg.resize_schedule is not None else None)
+        self.epochs = epochs_to_train(cfg)
+        self.device = distributed.device_for(dist, resolve_device(train_cfg.device))
+        # The same seed on every rank: identical initial weights and augmentation streams.
+        seed_everything(train_cfg.seed)
+        # Rank 0 generates/converts the dataset and fills the weight cache; the others reuse them.
+        with distributed.main_first(dist):
+            self.data = build_data(cfg.data, train_cfg, cfg.budget)
+            self.model = build_model(cfg.model, self.data.class_names).to(self.device)
+        self.processor = build_image_processor(cfg.data.eval_size, cfg.data.max_size_ratio)
+        self.precision = resolve_precision(train_cfg.amp, train_cfg.amp_dtype, self.device)
+        if self.precision.enabled:
+            keep_deformable_attention_fp32(self.model)
+        self._build_loaders()
+        self._build_optimisation()
+        self.state = TrainState(layout=StepLayout(dist.world_size, train_cfg.batch_size, self.steps_per_epoch))
+        self.checkpointer = self._build_checkpointer()
+        self.callbacks = cb.CallbackList(self._default_callbacks(list(callbacks)))
+        self.stop_request: cb.StopRequest | None = None
+
+    def _build_loaders(self) -> None:
+        cfg, data = self.cfg, self.data
+        collator = DetrCollator(self.processor, cfg.data.max_size_ratio)
+        self.train_sampler = training_sampler(
+            len(data.train), cfg.training,
+            lambda epoch: size_for_epoch(self.resize_schedule, epoch, cfg.data.image_size), self.dist,
+        )
+        val_sampler = evaluation_sampler(len(data.val), cfg.training.batch_size, cfg.data.eval_size, self.dist)
+        seed = cfg.training.seed
+        self.train_loader = make_loader(data.train, self.train_sampler, collator, cfg.data, seed, self.device)
+        self.val_loader = make_loader(data.val, val_sampler, collator, cfg.data, seed, self.device)
+        self.steps_per_epoch = self.train_sampler.batches_per_epoch()
+
+    def _build_optimisation(self) -> None:
+        train_cfg = self.cfg.training
+        # What the step calls: the DDP wrapper (which averages gradients) or the model itself.
+        train_model = distributed.wrap_ddp(self.model, self.dist, self.device,
+                                           find_unused_parameters=train_cfg.ddp.find_unused_parameters)
+        self.optimizer = build_optimizer(self.model, train_cfg)
+        self.schedule = LRSchedule(self.optimizer, train_cfg.schedule, total_steps=self.epochs * self.steps_per_epoch,
+                                   steps_per_epoch=self.steps_per_epoch)
+        self.step = TrainStep(
+            train_model, self.optimizer, self.schedule, self.precision, grad_clip=train_cfg.grad_clip,
+            nonfinite=NonFinitePolicy(train_cfg.nonfinite, train_cfg.max_nonfinite_steps), device=self.device,
+            dist=self.dist,
+        )
+        self.evaluator = Evaluator(
+            self.processor, self.precision, self.device, load_coco_ground_truth(self.data.val_ann),
+            self.data.val.image_ids, self.data.train.categories.category_id, dist=self.dist,
+            progress=show_progress(train_cfg.progress),
+        )
+
+    def _build_checkpointer(self) -> Checkpointer:
+        states = {STATE_MODEL: StrictWeights(self.model), STATE_OPTIMIZER: self.optimizer,
+                  STATE_GRAD_SCALER: self.precision.scaler, STATE_TRAIN: self.state, STATE_RNG: RngState()}
+        metadata = {KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_CONFIG_YAML: OmegaConf.to_yaml(self.cfg, resolve=True),
+                    KEY_CLASS_NAMES: list(self.data.class_names)}
+        return Checkpointer(self.run_dir, states, metadata, self.dist, keep_last=self.cfg.training.checkpoint.keep_last)
+
+    def _default_callbacks(self, extra: list[cb.Callback]) -> list[cb.Callback]:
+        train_cfg = self.cfg.training
+        callbacks = [cb.Evaluate(train_cfg.eval_every), cb.LogMetrics(MetricsLog(self.run_dir / METRICS_FILE), self.dist),
+                     cb.SaveCheckpoints(self.checkpointer, train_cfg.checkpoint.every_n_steps), *extra]
+        if train_cfg.ddp.check_replicas_every:
+            callbacks.append(cb.CheckReplicas(train_cfg.ddp.check_replicas_every, self.dist))
+        if train_cfg.export_hf:
+            callbacks.append(cb.ExportHF())
+        return callbacks + [cb.StopOnSignal(self.dist)]  # last: it hands the signal on after the others
+
+    # --- resume and the loop
+
+    def restore(self, found: Found) -> None:
+        self.checkpointer.restore(found.payload, found.path)
+        self.checkpointer.repair_best(found)
+        state = self.state
+        where = (f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch
+                 else f"the start of epoch {state.epoch + 1}")
+        log.info("Resumed from %s (global step %d); continuing at %s", found.path, state.global_step, where)
+
+    def request_stop(self, reason: str, *, interrupted: bool) -> None:
+        if self.stop_request is None:
+            self.stop_request = cb.StopRequest(reason, interrupted)
+
+    def evaluate(self) -> dict:
+        return self.evaluator(self.model, self.val_loader)
+
+    def fit(self) -> float:
+        try:
+            self.callbacks.emit("on_fit_start", self)
+            for epoch in range(self.state.epoch + 1, self.epochs + 1):
+                result = self._train_epoch(epoch)
+                if result is not None:
+                    self.callbacks.emit("on_epoch_end", self, result)
+                if self.stop_request is not None:
+                    break
+            if self.stop_request is not None and self.stop_request.interrupted:
+                self.callbacks.emit("on_interrupt", self, self._position())
+            else:
+                self.callbacks.emit("on_fit_end", self)
+                log.info("Best validation mAP %.4f at epoch %d", self.state.best_metric, self.state.best_epoch)
+        finally:
+            self.callbacks.emit("close")
+        return max(self.state.best_metric, 0.0)
+
+    def _train_epoch(self, epoch: int) -> cb.EpochResult | None:
+        """Train one epoch; its result, or None when a stop request ended it early."""
+        state = self.state
+        state.start_epoch()
+        image_size = size_for_epoch(self.resize_schedule, epoch, self.cfg.data.image_size)
+        self.train_sampler.set_epoch(epoch, state.batch_in_epoch)
+        started = time.perf_counter()
+        plan = EpochPlan(epoch, self.steps_per_epoch, self.cfg.training.log_every,
+                         show_progress(self.cfg.training.progress))
+        train_metrics = train_one_epoch(self.step, self.train_loader, state, plan, self._after_step)
+        if state.batch_in_epoch < self.steps_per_epoch:
+            return None
+        state.finish_epoch(epoch)
+        # The LR of the epoch's first step: a function of the step, so a resumed epoch logs the same.
+        record = {"epoch": epoch, "global_step": state.global_step,
+                  "lr": self.schedule.lr_at((epoch - 1) * self.steps_per_epoch),
+                  "image_size": image_size, **train_metrics}
+        return cb.EpochResult(epoch, record, started=started)
+
+    def _after_step(self) -> bool:
+        self.callbacks.emit("on_step_end", self)
+        return self.stop_request is not None
+
+    def _position(self) -> str:
+        state = self.state
+        if state.batch_in_epoch:
+            return f"at epoch {state.epoch + 1}, batch {state.batch_in_epoch}/{self.steps_per_epoch}"
+        return f"after epoch {state.epoch}"
+
+
+def run(plan: Plan, dist: DistContext = SINGLE_PROCESS, callbacks: list[cb.Callback] = ()) -> float:
+    """Train as planned, writing into the plan's run dir (rank 0 only); returns the best validation mAP."""
+    trainer = Trainer(plan.cfg, plan.run_dir, dist, callbacks)
+    if plan.resume_from is not None:
+        trainer.restore(plan.resume_from)
+        # Only a resume that loaded adds anything to the run directory.
+        if dist.is_main:
+            save_resumed_config(plan.run_dir, plan.cfg)
+    return trainer.fit()
