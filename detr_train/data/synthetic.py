@@ -4,6 +4,18 @@ It lets `detr-train` run and visibly learn with no download. Generation is a pur
 function of the `generate` settings (seed included): the images and COCO json are
 written once into `data.root` together with a fingerprint of those settings, and
 reused by later runs; changed settings regenerate the folder.
+
+Images are square (`image_size`) or, with `image_size_range: [min, max]`, of a size
+drawn per image: width and height each in [min, max], landscape like dashcam frames
+(`data=synthetic_small`, a stand-in for BDD100K's small traffic lights). `small_shapes`
+renders for objects of a few pixels: each shape is drawn at 4x and averaged down, so it
+keeps its outline (partial coverage at the edges) instead of collapsing into a blob like
+its neighbours, and its colour is kept far from the background under it (not only from
+the image's base colour), so no tiny object vanishes into a stripe of similar colour.
+
+The settings that existed first (square images, hard-edged shapes) draw exactly the
+random numbers and pixels they always did, and the newer keys enter the fingerprint
+only when they are used: datasets generated before them stay valid byte for byte.
 """
 
 from __future__ import annotations
@@ -13,9 +25,10 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageStat
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +37,54 @@ _FINGERPRINT_FILE = "generator.json"
 _FORMAT_VERSION = 1
 
 
+# Supersampling factor of `small_shapes` rendering: coverage in steps of 1/16 of a pixel.
+_SUPERSAMPLE = 4
+
+
 def _settings_dict(gen_cfg) -> dict:
-    return {
+    """The settings that define the dataset: its fingerprint, and what generation reads."""
+    image_size = gen_cfg.image_size
+    settings = {
         "version": _FORMAT_VERSION,
         "num_train": int(gen_cfg.num_train),
         "num_val": int(gen_cfg.num_val),
-        "image_size": int(gen_cfg.image_size),
+        "image_size": None if image_size is None else int(image_size),
         "classes": [str(c) for c in gen_cfg.classes],
         "max_objects": int(gen_cfg.max_objects),
         "min_object_size": int(gen_cfg.min_object_size),
         "max_object_size": int(gen_cfg.max_object_size),
         "seed": int(gen_cfg.seed),
     }
+    # Later keys join the fingerprint only when set, so that older datasets keep theirs.
+    # getattr: configs written before these keys existed do not have them.
+    size_range = getattr(gen_cfg, "image_size_range", None)
+    if size_range is not None:
+        settings["image_size_range"] = [int(v) for v in size_range]
+    if getattr(gen_cfg, "small_shapes", False):
+        settings["small_shapes"] = True
+    return settings
+
+
+def _check_settings(settings: dict) -> None:
+    """Raise ValueError naming the `data.generate` key that cannot be generated."""
+    unknown = [c for c in settings["classes"] if c not in SHAPES]
+    if unknown:
+        raise ValueError(f"data.generate.classes: unknown shape(s) {unknown}; known shapes: {list(SHAPES)}")
+    size_range = settings.get("image_size_range")
+    if (settings["image_size"] is None) == (size_range is None):
+        raise ValueError(
+            "data.generate: set exactly one of image_size (square images) and image_size_range "
+            f"([min, max] per image); got image_size={settings['image_size']}, image_size_range={size_range}"
+        )
+    if size_range is not None and not (len(size_range) == 2 and 0 < size_range[0] <= size_range[1]):
+        raise ValueError(f"data.generate.image_size_range must be [min, max] with 0 < min <= max, got {size_range}")
+    smallest_side = settings["image_size"] if size_range is None else size_range[0]
+    low, high = settings["min_object_size"], settings["max_object_size"]
+    if not 0 < low <= high <= smallest_side:
+        raise ValueError(
+            "data.generate: need 0 < min_object_size <= max_object_size <= the smallest image side "
+            f"({smallest_side}); got min_object_size={low}, max_object_size={high}"
+        )
 
 
 def _random_colour(rng: random.Random, avoid: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
@@ -46,20 +95,28 @@ def _random_colour(rng: random.Random, avoid: tuple[int, int, int] | None = None
             return colour
 
 
-def _background(rng: random.Random, size: int) -> Image.Image:
+def _contrasting_colour(rng: random.Random, avoid: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """A random colour far (sum of channel differences > 200) from every colour in `avoid`."""
+    while True:
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        if all(sum(abs(a - b) for a, b in zip(colour, other)) > 200 for other in avoid):
+            return colour
+
+
+def _background(rng: random.Random, width: int, height: int) -> Image.Image:
     """Plain, two-tone gradient or noisy background, so the model cannot rely on one look."""
     base = _random_colour(rng)
-    image = Image.new("RGB", (size, size), base)
+    image = Image.new("RGB", (width, height), base)
     style = rng.choice(("plain", "stripes", "noise"))
     draw = ImageDraw.Draw(image)
     if style == "stripes":
         other = _random_colour(rng)
         step = rng.randint(8, 24)
-        for x in range(0, size, 2 * step):
-            draw.rectangle([x, 0, x + step - 1, size], fill=tuple((a + b) // 2 for a, b in zip(base, other)))
+        for x in range(0, width, 2 * step):
+            draw.rectangle([x, 0, x + step - 1, height], fill=tuple((a + b) // 2 for a, b in zip(base, other)))
     elif style == "noise":
-        for _ in range(size * size // 40):
-            x, y = rng.randrange(size), rng.randrange(size)
+        for _ in range(width * height // 40):
+            x, y = rng.randrange(width), rng.randrange(height)
             draw.point((x, y), fill=_random_colour(rng))
         image = image.filter(ImageFilter.GaussianBlur(1))
     return image
@@ -84,6 +141,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         raise ValueError(f"unknown synthetic shape {shape!r}; known shapes: {', '.join(SHAPES)}")
 
 
+def shape_mask(shape: str, width: int, height: int) -> Image.Image:
+    """An antialiased coverage mask ("L", 0-255) of `shape` filling a width x height box.
+
+    Drawn at `_SUPERSAMPLE`x and box-averaged down, so each pixel holds the fraction of
+    it the shape covers: a 4 px circle keeps soft corners, a triangle a thin apex, and
+    every shape still reaches all four edges of its box (tight annotations).
+    """
+    mask = Image.new("L", (width * _SUPERSAMPLE, height * _SUPERSAMPLE), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, (0, 0, width * _SUPERSAMPLE, height * _SUPERSAMPLE), 255)
+    return mask.reduce(_SUPERSAMPLE)
+
+
 def _overlaps(box, others, max_iou: float = 0.1) -> bool:
     for other in others:
         ix = max(0, min(box[2], other[2]) - max(box[0], other[0]))
@@ -95,9 +164,19 @@ def _overlaps(box, others, max_iou: float = 0.1) -> bool:
     return False
 
 
+def _image_size(rng: random.Random, settings: dict) -> tuple[int, int]:
+    """(width, height): square `image_size`, or drawn in `image_size_range`, landscape."""
+    if settings.get("image_size_range") is None:
+        # No draw here: square datasets keep the random sequence they were made with.
+        return settings["image_size"], settings["image_size"]
+    low, high = settings["image_size_range"]
+    first, second = rng.randint(low, high), rng.randint(low, high)
+    return max(first, second), min(first, second)
+
+
 def _make_image(rng: random.Random, settings: dict) -> tuple[Image.Image, list[tuple[int, tuple[int, int, int, int]]]]:
-    size = settings["image_size"]
-    image = _background(rng, size)
+    width, height = _image_size(rng, settings)
+    image = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
     background = image.getpixel((0, 0))
     objects: list[tuple[int, tuple[int, int, int, int]]] = []
@@ -105,14 +184,19 @@ def _make_image(rng: random.Random, settings: dict) -> tuple[Image.Image, list[t
         for _attempt in range(20):
             w = rng.randint(settings["min_object_size"], settings["max_object_size"])
             h = max(settings["min_object_size"], min(settings["max_object_size"], int(w * rng.uniform(0.7, 1.4))))
-            x0, y0 = rng.randint(0, size - w), rng.randint(0, size - h)
+            x0, y0 = rng.randint(0, width - w), rng.randint(0, height - h)
             box = (x0, y0, x0 + w, y0 + h)
             if not _overlaps(box, [b for _, b in objects]):
                 break
         else:
             continue
         label = rng.randrange(len(settings["classes"]))
-        _draw_shape(draw, settings["classes"][label], box, _random_colour(rng, avoid=background))
+        if settings.get("small_shapes"):
+            local = tuple(round(v) for v in ImageStat.Stat(image.crop(box)).mean)
+            colour = _contrasting_colour(rng, avoid=(background, local))
+            image.paste(colour, box, shape_mask(settings["classes"][label], w, h))
+        else:
+            _draw_shape(draw, settings["classes"][label], box, _random_colour(rng, avoid=background))
         objects.append((label, box))
     return image, objects
 
@@ -150,9 +234,7 @@ def _write_split(root: Path, split: str, count: int, rng: random.Random, setting
 def generate_synthetic_dataset(root: Path, gen_cfg) -> None:
     """Write train/val images and COCO json under `root`, deterministically from the settings."""
     settings = _settings_dict(gen_cfg)
-    unknown = [c for c in settings["classes"] if c not in SHAPES]
-    if unknown:
-        raise ValueError(f"data.generate.classes: unknown shape(s) {unknown}; known shapes: {list(SHAPES)}")
+    _check_settings(settings)
     # Generate into a sibling folder and swap it in, so an interrupted generation
     # never leaves a half-written dataset that looks complete.
     staging = root.with_name(root.name + ".partial")
