@@ -119,7 +119,7 @@ class SaveCheckpoints(Callback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         state = trainer.state
-        unfinished = state.batch_in_epoch < trainer.steps_per_epoch
+        unfinished = state.batch_in_epoch < trainer.batches_per_epoch
         if unfinished and self.every_n_steps and state.global_step % self.every_n_steps == 0:
             self.checkpointer.save()
 
@@ -152,7 +152,7 @@ class StopOnSignal(Callback):
             trainer.request_stop(str(self.stop.requested or "a signal to another rank"), interrupted=True)
 
     def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.state.batch_in_epoch < trainer.steps_per_epoch:
+        if trainer.state.batch_in_epoch < trainer.batches_per_epoch:
             self._check(trainer)
 
     def on_epoch_end(self, trainer: Trainer, result: EpochResult) -> None:

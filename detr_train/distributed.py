@@ -89,12 +89,12 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True on every rank when `flag` is true on at least one (decisions taken in lockstep)."""
     if not ctx.enabled:
         return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    tensor = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item() > 0)
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     # NCCL only moves CUDA tensors; gloo only CPU ones.
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -118,7 +118,7 @@ def check_replicas(model: torch.nn.Module, ctx: DistContext, step: int) -> None:
     """Raise on every rank if the parameter fingerprints of the ranks differ."""
     if not ctx.enabled:
         return
-    fingerprint = parameter_fingerprint(model).to(_collective_device())
+    fingerprint = parameter_fingerprint(model).to(collective_device())
     gathered = [torch.empty_like(fingerprint) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, fingerprint)
     if any(not torch.equal(gathered[0], other) for other in gathered[1:]):

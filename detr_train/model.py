@@ -31,6 +31,9 @@ def _architecture_kwargs(model_cfg: ModelConfig) -> dict:
         **{key: model_cfg[key] for key in ARCHITECTURE_KEYS},
         **{key: int(model_cfg.loss[key]) for key in WHOLE_LOSS_KEYS},
         "focal_alpha": model_cfg.loss.focal_alpha,
+        # Two-stage: the encoder proposals that become the decoder's queries, one per query
+        # as in Deformable DETR (transformers' default of 300 ignores num_queries).
+        "two_stage_num_proposals": model_cfg.num_queries,
     }
 
 

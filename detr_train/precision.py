@@ -1,15 +1,15 @@
 """Mixed precision: one code path for fp32, bf16 and fp16.
 
 - fp16 needs a GradScaler (its range underflows small gradients); bf16 does not.
-- Deformable attention's bilinear sampling is numerically fragile in half precision,
-  so those modules always run in fp32, even under autocast.
+- Deformable attention's bilinear sampling is numerically fragile in half precision: it
+  accumulates in fp32 (the fused kernel by design, the PyTorch path because grid_sample
+  autocasts to its widest input), while its projections run in half precision.
 - AMP is a CUDA feature here: elsewhere `amp=true` logs one warning and runs fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -18,7 +18,6 @@ import torch
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFORMABLE_ATTENTION_CLASS = "DeformableDetrMultiscaleDeformableAttention"
 
 
 @dataclass
@@ -49,29 +48,3 @@ def resolve_precision(amp: bool, amp_dtype: str, device: torch.device) -> Precis
         dtype = torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     return Precision(device_type=device.type, dtype=dtype, scaler=scaler)
-
-
-def _fp32_forward(forward):
-    @functools.wraps(forward)
-    def wrapper(*args, **kwargs):
-        def to_fp32(value):
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                return value.float()
-            return value
-
-        device_type = next((a.device.type for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), "cpu")
-        with torch.autocast(device_type=device_type, enabled=False):
-            return forward(*[to_fp32(a) for a in args], **{k: to_fp32(v) for k, v in kwargs.items()})
-
-    return wrapper
-
-
-def keep_deformable_attention_fp32(model: torch.nn.Module) -> int:
-    """Run every multi-scale deformable attention module in fp32; returns how many were wrapped."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ == DEFORMABLE_ATTENTION_CLASS and not getattr(module, "_detr_train_fp32", False):
-            module.forward = _fp32_forward(module.forward)
-            module._detr_train_fp32 = True
-            count += 1
-    return count

@@ -59,16 +59,21 @@ class LossMeter:
 
 @dataclass(frozen=True)
 class StepLayout:
-    """How this run's epochs are cut into steps: what a position means, and what it meant to the
-    run that wrote a checkpoint."""
+    """How this run's epochs are cut into batches and optimiser steps: what a position means,
+    and what it meant to the run that wrote a checkpoint."""
 
     world_size: int = 1
-    batch_size: int = 1
-    steps_per_epoch: int = 1
+    batch_size: int = 1  # per process and micro-batch
+    batches_per_epoch: int = 1  # per process
+    accumulate: int = 1  # micro-batches per optimiser step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.batches_per_epoch // self.accumulate)
 
     @property
     def effective_batch_size(self) -> int:
-        return self.world_size * self.batch_size
+        return self.world_size * self.batch_size * self.accumulate
 
 
 @dataclass
@@ -76,8 +81,8 @@ class TrainState:
     """Where the run stands. Epochs are 1-based; `epoch` is the last one completed."""
 
     epoch: int = 0
-    batch_in_epoch: int = 0  # batches done in epoch `epoch + 1`
-    global_step: int = 0
+    batch_in_epoch: int = 0  # loader batches (micro-batches) done in epoch `epoch + 1`
+    global_step: int = 0  # optimiser steps done
     best_metric: float = -1.0
     best_epoch: int = 0
     meter: LossMeter = field(default_factory=LossMeter)
@@ -131,14 +136,17 @@ class TrainState:
         """
         layout = self.layout
         used = self.batch_in_epoch * layout.batch_size * saved_world_size
-        batch_in_epoch = min(used // layout.effective_batch_size, layout.steps_per_epoch)
-        step = self.epoch * layout.steps_per_epoch + batch_in_epoch
+        # Positions fall on optimiser-step boundaries: whole accumulation windows.
+        steps_done = min(used // layout.effective_batch_size, layout.steps_per_epoch)
+        batch_in_epoch = min(steps_done * layout.accumulate, layout.batches_per_epoch)
+        step = self.epoch * layout.steps_per_epoch + steps_done
         log.warning(
             "resume: the checkpoint was written by %d process(es) (effective batch %d), this run has %d "
             "(effective batch %d); continuing epoch %d at batch %d of %d and the LR schedule at step %d "
             "(was %d). The learning rate is not rescaled.",
-            saved_world_size, layout.batch_size * saved_world_size, layout.world_size, layout.effective_batch_size,
-            self.epoch + 1, batch_in_epoch, layout.steps_per_epoch, step, self.global_step,
+            saved_world_size, layout.batch_size * layout.accumulate * saved_world_size, layout.world_size,
+            layout.effective_batch_size, self.epoch + 1, batch_in_epoch, layout.batches_per_epoch, step,
+            self.global_step,
         )
         self.batch_in_epoch, self.global_step = batch_in_epoch, step
 

@@ -29,12 +29,13 @@ from detr_train.data.collate import DetrCollator
 from detr_train.engine import EpochPlan, Evaluator, NonFinitePolicy, TrainStep, train_one_epoch
 from detr_train.errors import ConfigError
 from detr_train.evaluation import load_coco_ground_truth
+from detr_train.fast_paths import apply_fast_paths
 from detr_train.launch_env import SINGLE_PROCESS, DistContext
 from detr_train.metrics_log import MetricsLog
 from detr_train.model import build_image_processor, build_model
 from detr_train.optim import LRSchedule, build_optimizer
 from detr_train.plan import Plan
-from detr_train.precision import keep_deformable_attention_fp32, resolve_precision
+from detr_train.precision import resolve_precision
 from detr_train.resize import size_for_epoch, validate_resize_schedule
 from detr_train.rundir import save_resumed_config
 from detr_train.state import RngState, StepLayout, StrictWeights, TrainState
@@ -85,12 +86,11 @@ class Trainer:
             self.data = build_data(cfg.data, train_cfg, cfg.budget)
             self.model = build_model(cfg.model, self.data.class_names).to(self.device)
         self.processor = build_image_processor(cfg.data.eval_size, cfg.data.max_size_ratio)
+        self.fast_paths = apply_fast_paths(self.model, cfg.model, train_cfg, self.device)
         self.precision = resolve_precision(train_cfg.amp, train_cfg.amp_dtype, self.device)
-        if self.precision.enabled:
-            keep_deformable_attention_fp32(self.model)
         self._build_loaders()
         self._build_optimisation()
-        self.state = TrainState(layout=StepLayout(dist.world_size, train_cfg.batch_size, self.steps_per_epoch))
+        self.state = TrainState(layout=self.layout)
         self.checkpointer = self._build_checkpointer()
         self.callbacks = cb.CallbackList(self._default_callbacks(list(callbacks)))
         self.stop_request: cb.StopRequest | None = None
@@ -106,20 +106,25 @@ class Trainer:
         seed = cfg.training.seed
         self.train_loader = make_loader(data.train, self.train_sampler, collator, cfg.data, seed, self.device)
         self.val_loader = make_loader(data.val, val_sampler, collator, cfg.data, seed, self.device)
-        self.steps_per_epoch = self.train_sampler.batches_per_epoch()
+        self.layout = StepLayout(self.dist.world_size, cfg.training.batch_size, self.train_sampler.batches_per_epoch(),
+                                 cfg.training.accumulate_steps)
+        self.batches_per_epoch, self.steps_per_epoch = self.layout.batches_per_epoch, self.layout.steps_per_epoch
+        log.info("Effective batch %d (%d per process x %d accumulation steps x %d processes), %d optimiser steps "
+                 "per epoch", self.layout.effective_batch_size, cfg.training.batch_size, cfg.training.accumulate_steps,
+                 self.dist.world_size, self.steps_per_epoch)
 
     def _build_optimisation(self) -> None:
         train_cfg = self.cfg.training
         # What the step calls: the DDP wrapper (which averages gradients) or the model itself.
         train_model = distributed.wrap_ddp(self.model, self.dist, self.device,
                                            find_unused_parameters=train_cfg.ddp.find_unused_parameters)
-        self.optimizer = build_optimizer(self.model, train_cfg)
+        self.optimizer = build_optimizer(self.model, train_cfg, fused=self.fast_paths.fused_optimizer)
         self.schedule = LRSchedule(self.optimizer, train_cfg.schedule, total_steps=self.epochs * self.steps_per_epoch,
                                    steps_per_epoch=self.steps_per_epoch)
         self.step = TrainStep(
             train_model, self.optimizer, self.schedule, self.precision, grad_clip=train_cfg.grad_clip,
             nonfinite=NonFinitePolicy(train_cfg.nonfinite, train_cfg.max_nonfinite_steps), device=self.device,
-            dist=self.dist,
+            dist=self.dist, criterion=self.fast_paths.criterion, channels_last=self.fast_paths.channels_last,
         )
         self.evaluator = Evaluator(
             self.processor, self.precision, self.device, load_coco_ground_truth(self.data.val_ann),
@@ -186,10 +191,10 @@ class Trainer:
         image_size = size_for_epoch(self.resize_schedule, epoch, self.cfg.data.image_size)
         self.train_sampler.set_epoch(epoch, state.batch_in_epoch)
         started = time.perf_counter()
-        plan = EpochPlan(epoch, self.steps_per_epoch, self.cfg.training.log_every,
-                         show_progress(self.cfg.training.progress))
+        plan = EpochPlan(epoch, self.batches_per_epoch, self.cfg.training.accumulate_steps,
+                         self.cfg.training.log_every, show_progress(self.cfg.training.progress))
         train_metrics = train_one_epoch(self.step, self.train_loader, state, plan, self._after_step)
-        if state.batch_in_epoch < self.steps_per_epoch:
+        if state.batch_in_epoch < self.batches_per_epoch:
             return None
         state.finish_epoch(epoch)
         # The LR of the epoch's first step: a function of the step, so a resumed epoch logs the same.
@@ -205,7 +210,7 @@ class Trainer:
     def _position(self) -> str:
         state = self.state
         if state.batch_in_epoch:
-            return f"at epoch {state.epoch + 1}, batch {state.batch_in_epoch}/{self.steps_per_epoch}"
+            return f"at epoch {state.epoch + 1}, batch {state.batch_in_epoch}/{self.batches_per_epoch}"
         return f"after epoch {state.epoch}"
 
 

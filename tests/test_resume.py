@@ -259,6 +259,18 @@ LEGACY = ["training.schedule.name=step", "training.schedule.step_epochs=[2]", "t
           "model.backbone.hidden_sizes=[8,16,32]"]
 
 
+def _assert_close_records(got: list[dict], expected: list[dict]) -> None:
+    assert [sorted(r) for r in got] == [sorted(r) for r in expected]
+    for record, reference in zip(got, expected):
+        for key, value in reference.items():
+            if isinstance(value, dict):
+                assert record[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+            elif isinstance(value, float):
+                assert record[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+            else:
+                assert record[key] == value, key
+
+
 def test_a_run_checkpointed_by_the_first_release_resumes_as_if_never_stopped(small_run_overrides, tmp_path):
     import shutil
 
@@ -269,4 +281,12 @@ def test_a_run_checkpointed_by_the_first_release_resumes_as_if_never_stopped(sma
     # The dataset has moved since (data.root may change on resume); everything else comes from the checkpoint.
     resumed = _resume(compose_config(small_run_overrides + LEGACY), run_dir)
     assert [r["epoch"] for r in _records(run_dir)] == [1, 2]
-    _assert_same_run(straight, resumed)
+    # The first release computed the loss with transformers' criterion, which sums in another
+    # order than ours (equal to ~1e-7): the same run up to float rounding, not bit for bit.
+    _assert_close_records(_records(resumed.run_dir), _records(straight.run_dir))
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        # Weights whose gradient is ~0 (biases before a GroupNorm) random-walk by up to the LR
+        # (1e-3) per Adam step on rounding noise alone; the loss records above are the tight check.
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), name
+    for key in ("epoch", "batch_in_epoch", "global_step", "best_epoch"):
+        assert getattr(resumed.state, key) == getattr(straight.state, key)

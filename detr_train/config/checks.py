@@ -17,6 +17,7 @@ from detr_train.errors import ConfigError
 
 # transformers' DeformableDetrConfig stores these as int.
 WHOLE_LOSS_KEYS = ("class_cost", "bbox_cost", "giou_cost", "bbox_loss_coefficient", "giou_loss_coefficient")
+ATTENTION_KERNELS = ("auto", "triton", "pytorch")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -36,6 +37,7 @@ def _probability(value) -> bool:
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.epochs": (_positive, ">= 1"),
     "training.batch_size": (_positive, ">= 1"),
+    "training.accumulate_steps": (_positive, ">= 1"),
     "training.lr": (_positive, "> 0"),
     "training.backbone_lr_mult": (_non_negative, ">= 0"),
     "training.linear_proj_lr_mult": (_non_negative, ">= 0"),
@@ -89,7 +91,10 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
         if value is not None and not test(value):
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
-    _check_device(str(cfg.training.device))
+    _check_device(cfg.training.device)
+    if cfg.model.attention_kernel not in ATTENTION_KERNELS:
+        raise ConfigError(f"model.attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
+                          f"got {cfg.model.attention_kernel!r}")
     _check_progress(cfg.training.progress)
     _check_resize_schedule(cfg.training.resize_schedule)
     _check_model(cfg.model)

@@ -90,6 +90,8 @@ class ModelConfig:
     with_box_refine: bool = MISSING
     two_stage: bool = MISSING
     auxiliary_loss: bool = MISSING
+    # auto: the fused Triton kernel on CUDA, transformers' PyTorch function elsewhere.
+    attention_kernel: str = "auto"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -161,6 +163,8 @@ class DdpConfig:
 class TrainingConfig:
     epochs: int = MISSING
     batch_size: int = MISSING
+    # Micro-batches per optimiser step: the effective batch is accumulate_steps x batch_size x processes.
+    accumulate_steps: int = 1
     lr: float = MISSING
     backbone_lr_mult: float = MISSING
     linear_proj_lr_mult: float = MISSING
@@ -187,6 +191,11 @@ class TrainingConfig:
     export_hf: bool = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ddp: DdpConfig = field(default_factory=DdpConfig)
+    # CUDA speed switches (ignored elsewhere); see fast_paths.py.
+    tf32: bool = True
+    fused_optimizer: bool = True
+    channels_last: bool = False
+    compile: bool = False
 
 
 # --- budget, search channel, root --------------------------------------------------------

@@ -49,6 +49,8 @@ from types import SimpleNamespace
 import torch
 from torch.autograd.function import once_differentiable
 
+from detr_train.errors import ConfigError
+
 # Imported on first use (`_import_triton`), never at import time: importing this
 # module must work without Triton, and must not fix Triton's interpreter mode
 # (see `_interpreter_problem`) before a test had the chance to ask for it.
@@ -484,7 +486,7 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _resolve_kind(kind: str, device: torch.device) -> str:
     if kind not in KERNEL_CHOICES:
-        raise ValueError(f"model.attention_kernel must be one of {list(KERNEL_CHOICES)}, got {kind!r}")
+        raise ConfigError(f"model.attention_kernel must be one of {list(KERNEL_CHOICES)}, got {kind!r}")
     if kind == "pytorch":
         return kind
     if kind == "auto":
@@ -492,7 +494,7 @@ def _resolve_kind(kind: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "pytorch"
     reason = triton_unavailable_reason(device)
     if reason is not None:
-        raise ValueError(
+        raise ConfigError(
             f"model.attention_kernel=triton cannot run on {device}: {reason}. "
             f"Use model.attention_kernel=auto or pytorch."
         )
