@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from detr_train import distributed
+from detr_train.atomic import remove_temp_files
 from detr_train.checkpointer import Checkpointer
 from detr_train.evaluation import format_per_class_table
 from detr_train.metrics_log import MetricsLog
@@ -63,17 +64,63 @@ class Callback:
 
 
 class Evaluate(Callback):
-    """Scores the model every `every` epochs and after the last one; tracks the best mAP."""
+    """Scores the model every `every` epochs and after the last one; tracks the best mAP.
 
-    def __init__(self, every: int):
+    With EMA weights, they are what is scored (the record's `map`, what a search and early
+    stopping see); `also_raw` scores the raw weights too, logged as `raw_map`, ... The best
+    mAP is the better of the two, and the state remembers which weights reached it.
+    """
+
+    def __init__(self, every: int, *, also_raw: bool = False):
         self.every = max(1, every)
+        self.also_raw = also_raw
 
     def on_epoch_end(self, trainer: Trainer, result: EpochResult) -> None:
         if result.epoch % self.every and result.epoch != trainer.epochs:
             return
-        result.metrics = trainer.evaluate()
+        primary = "model" if trainer.ema is None else "ema"
+        result.metrics = trainer.evaluate(primary)
         result.record.update(result.metrics)
-        result.is_best = trainer.state.observe(result.epoch, result.metrics["map"])
+        scores = {primary: result.metrics["map"]}
+        if primary == "ema" and self.also_raw:
+            raw = trainer.evaluate("model")
+            result.record.update({f"raw_{key}": value for key, value in raw.items()})
+            scores["model"] = raw["map"]
+        weights = max(scores, key=scores.get)
+        result.is_best = trainer.state.observe(result.epoch, scores[weights], weights)
+
+
+class EarlyStopping(Callback):
+    """Ends the run when validation mAP has not improved by `min_delta` for `patience`
+    evaluations. A normal end (a search records the trial COMPLETE); its counter is
+    checkpointed, so a resumed run stops where the uninterrupted one would."""
+
+    state_key = "early_stop"
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = float("-inf")
+        self.stale = 0  # evaluations since the last improvement
+
+    def on_epoch_end(self, trainer: Trainer, result: EpochResult) -> None:
+        if result.metrics is None:
+            return
+        value = result.metrics["map"]
+        if value > self.best + self.min_delta:
+            self.best, self.stale = value, 0
+        else:
+            self.stale += 1
+        if self.stale >= self.patience and result.epoch < trainer.epochs:
+            log.info("Early stop after epoch %d: mAP has not improved by %g for %d evaluation(s) (best %.4f)",
+                     result.epoch, self.min_delta, self.stale, self.best)
+            trainer.request_stop("early stop", interrupted=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "stale": self.stale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.stale = float(state["best"]), int(state["stale"])
 
 
 class LogMetrics(Callback):
@@ -86,6 +133,7 @@ class LogMetrics(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         # A run killed after logging an epoch but before checkpointing it redoes that epoch.
         if self.dist.is_main:
+            remove_temp_files(self.metrics_log.path.parent)
             dropped = self.metrics_log.truncate_after(trainer.state.epoch)
             if dropped:
                 log.warning("metrics.jsonl had %d epoch(s) newer than the checkpoint; dropped them", dropped)
@@ -182,16 +230,19 @@ class CheckReplicas(Callback):
 
 
 class ExportHF(Callback):
-    """`save_pretrained` of the model and image processor into <run dir>/hf_model at the end."""
+    """`save_pretrained` of the weights that scored best (raw or EMA, from best.pt) and the
+    image processor into <run dir>/hf_model at the end; the final weights when nothing was scored."""
 
     FOLDER = "hf_model"
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        if trainer.dist.is_main:
-            target = trainer.run_dir / self.FOLDER
-            trainer.model.save_pretrained(target)
-            trainer.processor.save_pretrained(target)
-            log.info("Exported model and image processor to %s", target)
+        if not trainer.dist.is_main:
+            return
+        target = trainer.run_dir / self.FOLDER
+        model, which = trainer.best_weights()
+        model.save_pretrained(target)
+        trainer.processor.save_pretrained(target)
+        log.info("Exported %s and the image processor to %s", which, target)
 
 
 @dataclass

@@ -39,6 +39,7 @@ STATE_OPTIMIZER = "optimizer"
 STATE_GRAD_SCALER = "grad_scaler"
 STATE_TRAIN = "train"
 STATE_RNG = "rng"
+STATE_EMA = "ema"  # with training.ema.enabled
 
 REQUIRED_KEYS = (KEY_FORMAT_VERSION, KEY_CONFIG_YAML, STATE_MODEL, STATE_OPTIMIZER, STATE_GRAD_SCALER,
                  STATE_TRAIN, STATE_RNG)

@@ -22,7 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from detr_train.atomic import atomic_write, remove_temp_files
 from detr_train.checkpoint import (
@@ -136,14 +136,22 @@ class Checkpointer:
 
     def __init__(
         self, run_dir: Path, states: Mapping[str, Stateful], metadata: Mapping[str, Any],
-        dist: DistContext = SINGLE_PROCESS, *, keep_last: int = 0, optional: tuple[str, ...] = (),
+        dist: DistContext = SINGLE_PROCESS, *, keep_last: int = 0,
+        optional: Mapping[str, Callable[[], None]] | None = None,
     ):
         self.folder = checkpoint_dir(run_dir)
         self.states = dict(states)
         self.metadata = dict(metadata)
         self.dist = dist
         self.keep_last = keep_last
-        self.optional = optional  # parts older checkpoints may lack; they keep their fresh state
+        # Parts older checkpoints may lack, and what to do then (after the parts before them loaded).
+        self.optional = dict(optional or {})
+
+    def register(self, name: str, state: Stateful, *, on_missing: Callable[[], None] | None = None) -> None:
+        """Checkpoint one more part; `on_missing` runs when a checkpoint written without it is restored."""
+        self.states[name] = state
+        if on_missing is not None:
+            self.optional[name] = on_missing
 
     @property
     def last(self) -> Path:
@@ -180,6 +188,7 @@ class Checkpointer:
             if name not in payload:
                 if name in self.optional:
                     log.info("checkpoint %s has no %s state; starting it fresh", source.name, name)
+                    self.optional[name]()
                     continue
                 raise CheckpointError(f"checkpoint {source} has no {name} state")
             try:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from detr_train import distributed
 from detr_train.criterion import DeformableDetrCriterion
+from detr_train.ema import ModelEMA
 from detr_train.errors import DetrTrainError
 from detr_train.evaluation import gathered_coco_evaluate
 from detr_train.launch_env import SINGLE_PROCESS, DistContext
@@ -83,7 +84,7 @@ class TrainStep:
     def __init__(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule, precision: Precision,
         *, grad_clip: float, nonfinite: NonFinitePolicy, device: torch.device, dist: DistContext = SINGLE_PROCESS,
-        criterion: DeformableDetrCriterion | None = None, channels_last: bool = False,
+        criterion: DeformableDetrCriterion | None = None, channels_last: bool = False, ema: ModelEMA | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -95,6 +96,7 @@ class TrainStep:
         self.dist = dist
         self.criterion = criterion
         self.channels_last = channels_last
+        self.ema = ema
         self.input_hw: list[int] = []
 
     def __call__(self, micro_batches: Sequence[dict], state: TrainState) -> dict[str, float]:
@@ -157,6 +159,8 @@ class TrainStep:
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
 
     def _skipped(self, value: float, state: TrainState) -> None:
         meter = state.meter

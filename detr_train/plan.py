@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from detr_train.checkpoint import KEY_CONFIG_YAML, CheckpointError, load_checkpoint
 from detr_train.checkpointer import Found, first_intact, newest_resumable
+from detr_train.config.migrate import upgrade_config
 from detr_train.config.schema import Config
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def _is_under(key: str, prefixes: tuple[str, ...]) -> bool:
 def checkpoint_config(found: Found) -> DictConfig:
     """The checkpoint's config, typed by today's schema (keys added since get their defaults)."""
     try:
-        saved = OmegaConf.create(str(found.payload[KEY_CONFIG_YAML]))
+        saved = upgrade_config(OmegaConf.to_container(OmegaConf.create(str(found.payload[KEY_CONFIG_YAML]))))
         return OmegaConf.merge(OmegaConf.structured(Config), saved)
     except OmegaConfBaseException as exc:
         first_line = str(exc).strip().splitlines()[0]

@@ -85,6 +85,7 @@ class TrainState:
     global_step: int = 0  # optimiser steps done
     best_metric: float = -1.0
     best_epoch: int = 0
+    best_weights: str = "model"  # which weights scored best_metric: "model" or "ema"
     meter: LossMeter = field(default_factory=LossMeter)
     layout: StepLayout = field(default_factory=StepLayout, compare=False)
 
@@ -96,11 +97,11 @@ class TrainState:
     def finish_epoch(self, epoch: int) -> None:
         self.epoch, self.batch_in_epoch = epoch, 0
 
-    def observe(self, epoch: int, metric: float) -> bool:
+    def observe(self, epoch: int, metric: float, weights: str = "model") -> bool:
         """Record an epoch's validation metric; True when it is the best so far."""
         if metric <= self.best_metric:
             return False
-        self.best_metric, self.best_epoch = metric, epoch
+        self.best_metric, self.best_epoch, self.best_weights = metric, epoch, weights
         return True
 
     def state_dict(self) -> dict[str, Any]:
@@ -110,6 +111,7 @@ class TrainState:
             "global_step": self.global_step,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "best_weights": self.best_weights,
             "loss_meter": self.meter.state_dict(),
             "world_size": self.layout.world_size,
             "effective_batch_size": self.layout.effective_batch_size,
@@ -121,6 +123,7 @@ class TrainState:
         self.global_step = int(state["global_step"])
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
+        self.best_weights = str(state.get("best_weights", "model"))
         self.meter = LossMeter()
         if self.batch_in_epoch and state.get("loss_meter") is not None:
             self.meter.load_state_dict(state["loss_meter"])

@@ -8,6 +8,7 @@ is a callback (`detr_train.callbacks`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import sys
@@ -21,11 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from detr_train import distributed
 from detr_train import callbacks as cb
 from detr_train.checkpoint import KEY_CLASS_NAMES, KEY_CONFIG_YAML, KEY_FORMAT_VERSION, FORMAT_VERSION
-from detr_train.checkpoint import STATE_GRAD_SCALER, STATE_MODEL, STATE_OPTIMIZER, STATE_RNG, STATE_TRAIN
+from detr_train.checkpoint import (STATE_EMA, STATE_GRAD_SCALER, STATE_MODEL, STATE_OPTIMIZER, STATE_RNG,
+                                   STATE_TRAIN, load_checkpoint)
 from detr_train.checkpointer import Checkpointer, Found
 from detr_train.config.schema import Config
 from detr_train.data.build import build_data, capped, evaluation_sampler, make_loader, training_sampler
 from detr_train.data.collate import DetrCollator
+from detr_train.ema import ModelEMA
 from detr_train.engine import EpochPlan, Evaluator, NonFinitePolicy, TrainStep, train_one_epoch
 from detr_train.errors import ConfigError
 from detr_train.evaluation import load_coco_ground_truth
@@ -87,6 +90,8 @@ class Trainer:
             self.model = build_model(cfg.model, self.data.class_names).to(self.device)
         self.processor = build_image_processor(cfg.data.eval_size, cfg.data.max_size_ratio)
         self.fast_paths = apply_fast_paths(self.model, cfg.model, train_cfg, self.device)
+        ema_cfg = train_cfg.ema
+        self.ema = ModelEMA(self.model, decay=ema_cfg.decay, warmup_steps=ema_cfg.warmup_steps) if ema_cfg.enabled else None
         self.precision = resolve_precision(train_cfg.amp, train_cfg.amp_dtype, self.device)
         self._build_loaders()
         self._build_optimisation()
@@ -125,6 +130,7 @@ class Trainer:
             train_model, self.optimizer, self.schedule, self.precision, grad_clip=train_cfg.grad_clip,
             nonfinite=NonFinitePolicy(train_cfg.nonfinite, train_cfg.max_nonfinite_steps), device=self.device,
             dist=self.dist, criterion=self.fast_paths.criterion, channels_last=self.fast_paths.channels_last,
+            ema=self.ema,
         )
         self.evaluator = Evaluator(
             self.processor, self.precision, self.device, load_coco_ground_truth(self.data.val_ann),
@@ -137,12 +143,22 @@ class Trainer:
                   STATE_GRAD_SCALER: self.precision.scaler, STATE_TRAIN: self.state, STATE_RNG: RngState()}
         metadata = {KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_CONFIG_YAML: OmegaConf.to_yaml(self.cfg, resolve=True),
                     KEY_CLASS_NAMES: list(self.data.class_names)}
-        return Checkpointer(self.run_dir, states, metadata, self.dist, keep_last=self.cfg.training.checkpoint.keep_last)
+        checkpointer = Checkpointer(self.run_dir, states, metadata, self.dist,
+                                    keep_last=self.cfg.training.checkpoint.keep_last)
+        if self.ema is not None:
+            # A checkpoint from before EMA was switched on: the average starts at the restored weights.
+            checkpointer.register(STATE_EMA, self.ema, on_missing=self.ema.reset)
+        return checkpointer
 
     def _default_callbacks(self, extra: list[cb.Callback]) -> list[cb.Callback]:
         train_cfg = self.cfg.training
-        callbacks = [cb.Evaluate(train_cfg.eval_every), cb.LogMetrics(MetricsLog(self.run_dir / METRICS_FILE), self.dist),
-                     cb.SaveCheckpoints(self.checkpointer, train_cfg.checkpoint.every_n_steps), *extra]
+        callbacks = [cb.Evaluate(train_cfg.eval_every, also_raw=train_cfg.ema.eval_raw),
+                     cb.LogMetrics(MetricsLog(self.run_dir / METRICS_FILE), self.dist)]
+        if train_cfg.early_stop.patience:
+            early_stop = cb.EarlyStopping(train_cfg.early_stop.patience, train_cfg.early_stop.min_delta)
+            self.checkpointer.register(early_stop.state_key, early_stop, on_missing=lambda: None)
+            callbacks.append(early_stop)
+        callbacks += [cb.SaveCheckpoints(self.checkpointer, train_cfg.checkpoint.every_n_steps), *extra]
         if train_cfg.ddp.check_replicas_every:
             callbacks.append(cb.CheckReplicas(train_cfg.ddp.check_replicas_every, self.dist))
         if train_cfg.export_hf:
@@ -163,8 +179,20 @@ class Trainer:
         if self.stop_request is None:
             self.stop_request = cb.StopRequest(reason, interrupted)
 
-    def evaluate(self) -> dict:
-        return self.evaluator(self.model, self.val_loader)
+    def evaluate(self, weights: str = "model") -> dict:
+        """Validation metrics of the raw weights ("model") or of their moving average ("ema")."""
+        return self.evaluator(self.ema.module if weights == "ema" else self.model, self.val_loader)
+
+    def best_weights(self) -> tuple[torch.nn.Module, str]:
+        """A model holding the weights that scored best (from best.pt), and what they are."""
+        state = self.state
+        if state.best_epoch == 0 or not self.checkpointer.best.is_file():
+            return self.model, "the final weights"
+        payload = load_checkpoint(self.checkpointer.best)
+        weights = payload[STATE_EMA]["weights"] if state.best_weights == "ema" else payload[STATE_MODEL]
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(weights)
+        return model, f"the {state.best_weights} weights of epoch {state.best_epoch} (mAP {state.best_metric:.4f})"
 
     def fit(self) -> float:
         try:

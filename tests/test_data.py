@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from detr_train.data.augment import Augmenter
 from detr_train.data.coco import CocoDetectionDataset, SampleRequest
 from detr_train.data.sampling import EpochBatchSampler, select_training_images
 from detr_train.data.sources import DatasetError
@@ -97,14 +98,24 @@ def test_images_without_annotations_are_kept_and_crowd_is_not_a_target(tmp_path)
     assert [a["category_id"] for a in by_id[20]] == [2]
 
 
+def _flipper(probability: float) -> Augmenter:
+    return Augmenter({"hflip_prob": probability}, reference_size=64, max_size_ratio=1.667)
+
+
 def test_hflip_is_reproducible_and_moves_boxes(tmp_path):
-    dataset = CocoDetectionDataset(tmp_path / "images", _write_coco(tmp_path), augment=True, hflip_prob=1.0)
-    flipped = dataset[SampleRequest(0, 64, 1)]["target"]["annotations"]
+    dataset = CocoDetectionDataset(tmp_path / "images", _write_coco(tmp_path), augmenter=_flipper(1.0))
+    sample = dataset[SampleRequest(0, 64, 1)]
+    flipped = sample["target"]["annotations"]
     assert sorted(a["bbox"][0] for a in flipped) == [64 - 20 - 30, 64 - 4 - 10]
-    again = CocoDetectionDataset(tmp_path / "images", tmp_path / "ann.json", augment=True, hflip_prob=0.5, seed=3)
-    assert [again._flip_coin(SampleRequest(i, 64, e)) for i in range(3) for e in range(4)] == [
-        again._flip_coin(SampleRequest(i, 64, e)) for i in range(3) for e in range(4)
-    ]
+    assert sample["size"] == 64  # a flip alone leaves the resize to the image processor
+    again = CocoDetectionDataset(tmp_path / "images", tmp_path / "ann.json", augmenter=_flipper(0.5), seed=3)
+
+    def boxes(index: int, epoch: int) -> list:
+        return [a["bbox"] for a in again[SampleRequest(index, 64, epoch)]["target"]["annotations"]]
+
+    first = [boxes(i, e) for i in range(2) for e in range(4)]
+    assert first == [boxes(i, e) for i in range(2) for e in range(4)]
+    assert len({str(b) for b in first}) > 2  # both sides of the coin came up
 
 
 def test_bad_boxes_are_dropped_with_one_counted_warning(tmp_path, caplog):

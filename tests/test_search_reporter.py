@@ -153,3 +153,33 @@ def test_the_trainer_stops_a_pruned_trial_but_never_discards_its_last_epoch(smal
     assert cut_short.user_attrs[attrs.PRUNED_AT] == 1
     assert list(last_epoch_only.intermediate_values) == [1]
     assert attrs.PRUNED_AT not in last_epoch_only.user_attrs
+
+
+def test_a_trial_that_stops_early_is_complete_not_pruned(small_run_overrides, tmp_path):
+    # The pruner would prune every report from epoch 2 on; early stopping ends the run at
+    # epoch 2 first, so the trial finished: no pruning mark, its best value returned.
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from detr_train.search.callbacks import trial_callbacks
+    from detr_train.search.outcome import judge
+    from detr_train.trainer import Trainer
+    from tests.conftest import compose_config
+
+    url = str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    study.set_user_attr(attrs.PRUNER, {"_target_": "optuna.pruners.ThresholdPruner", "lower": 1.0,
+                                       "n_warmup_steps": 2})
+    trial = study.ask()
+    cfg = compose_config(small_run_overrides + [
+        "training.epochs=4", "training.subset_size=8", "training.val_subset_size=8",
+        "training.early_stop.patience=1", "training.early_stop.min_delta=1.0",
+        "trial.study_name=s", f"trial.storage={url}", f"trial.number={trial.number}",
+    ])
+    best = Trainer(cfg, tmp_path / "trial_0", callbacks=trial_callbacks(cfg.trial)).fit()
+    stored = study.trials[0]
+    assert list(stored.intermediate_values) == [1, 2]
+    assert attrs.PRUNED_AT not in stored.user_attrs
+    job = JobReturn()
+    job.status, job._return_value = JobStatus.COMPLETED, best
+    outcome = judge(job, stored)
+    assert (outcome.state, outcome.value) == (TrialState.COMPLETE, best)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from detr_train.data.augment_config import validate_augment_config
 from detr_train.errors import ConfigError
 
 # transformers' DeformableDetrConfig stores these as int.
@@ -55,6 +56,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.checkpoint.keep_last": (_non_negative, ">= 0"),
     "training.checkpoint.every_n_steps": (_non_negative, ">= 0 (0 disables mid-epoch checkpoints)"),
     "training.ddp.check_replicas_every": (_non_negative, ">= 0"),
+    "training.ema.decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "training.ema.warmup_steps": (_non_negative, ">= 0"),
+    "training.early_stop.patience": (_non_negative, ">= 0 (0 disables early stopping)"),
+    "training.early_stop.min_delta": (_non_negative, ">= 0"),
     "model.d_model": (_positive, ">= 1"),
     "model.encoder_layers": (_positive, ">= 1"),
     # transformers ties the per-layer bbox heads and fails at init with one decoder layer.
@@ -73,7 +78,6 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": (_positive, ">= 1"),
     "data.eval_size": (_positive, ">= 1"),
     "data.max_size_ratio": (lambda v: v >= 1, ">= 1 (longest edge = ratio x shortest edge)"),
-    "data.hflip_prob": (_probability, "in [0, 1]"),
     "budget.max_epochs": (_positive, ">= 1 or null"),
     "budget.max_train_images": (_positive, ">= 1 or null"),
     "budget.max_val_images": (_positive, ">= 1 or null"),
@@ -98,6 +102,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_progress(cfg.training.progress)
     _check_resize_schedule(cfg.training.resize_schedule)
     _check_model(cfg.model)
+    validate_augment_config(cfg.data.augment)
     _check_whole("model.loss", cfg.model.loss, WHOLE_LOSS_KEYS)
     _check_each_positive("training.schedule.step_epochs", cfg.training.schedule.step_epochs)
     _check_each_positive("model.backbone.hidden_sizes", cfg.model.backbone.hidden_sizes)

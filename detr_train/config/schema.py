@@ -22,6 +22,8 @@ from typing import List, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from detr_train.data.augment_config import AugmentConfig
+
 SCHEMA_NAME = "detr_train_schema"
 
 
@@ -128,7 +130,8 @@ class DataConfig:
     image_size: int = MISSING
     eval_size: int = MISSING
     max_size_ratio: float = MISSING
-    hflip_prob: float = MISSING
+    # Training augmentation: the nested group data/augment (none | flip | detr).
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Only some kinds use these; null elsewhere.
     generate: Optional[GenerateConfig] = None  # synthetic
     uncertain: Optional[str] = None  # bdd100k: ignore | remove | merge
@@ -151,6 +154,24 @@ class ScheduleConfig:
 class CheckpointConfig:
     keep_last: int = MISSING
     every_n_steps: int = MISSING
+
+
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, evaluated (and exported) instead of them."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    warmup_steps: int = 200  # the decay ramps up as 1 - exp(-updates / warmup_steps)
+    eval_raw: bool = False  # also evaluate the raw weights (logged as raw_map, ...)
+
+
+@dataclass
+class EarlyStopConfig:
+    """Stop when validation mAP has not improved by min_delta for `patience` evaluations (0: off)."""
+
+    patience: int = 0
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -190,6 +211,8 @@ class TrainingConfig:
     progress: Union[bool, str] = MISSING
     export_hf: bool = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     ddp: DdpConfig = field(default_factory=DdpConfig)
     # CUDA speed switches (ignored elsewhere); see fast_paths.py.
     tf32: bool = True

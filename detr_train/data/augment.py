@@ -77,7 +77,7 @@ class AugmentPlan:
     flip: bool
     crop_resize: tuple[int, int] | None
     crop: CropWindow | None
-    final_size: tuple[int, int]
+    final_size: tuple[int, int] | None  # None: the image keeps its size (see Augmenter.defers_resize)
     jitter: tuple[tuple[str, float], ...]
 
 
@@ -120,6 +120,12 @@ class Augmenter:
         self.max_size_ratio = float(max_size_ratio)
         log.debug("Augmenter: %s at reference size %d", self.settings, self.reference_size)
 
+    @property
+    def defers_resize(self) -> bool:
+        """No multi-scale and no crop: the image keeps its size and the collator's image
+        processor resizes it to the base size, exactly as evaluation images are resized."""
+        return self.settings.scales is None and self.settings.crop.prob == 0
+
     # --- sizes at this epoch's base size -------------------------------------------------
 
     def _scaler(self, base_size: int) -> Callable[[float], int]:
@@ -160,8 +166,10 @@ class Augmenter:
             crop = CropWindow(crop_rng.randint(0, height - crop_h), crop_rng.randint(0, width - crop_w), crop_h, crop_w)
             height, width = crop_h, crop_w
 
-        shortest = _stream(seed, epoch, index, "scale").choice(self.scales_for(base_size))
-        final_size = resized_size(height, width, shortest, self.longest_cap(base_size, shortest))
+        final_size = None
+        if not self.defers_resize:
+            shortest = _stream(seed, epoch, index, "scale").choice(self.scales_for(base_size))
+            final_size = resized_size(height, width, shortest, self.longest_cap(base_size, shortest))
         return AugmentPlan(flip, crop_resize, crop, final_size, self._draw_jitter(_stream(seed, epoch, index, "jitter")))
 
     def _draw_jitter(self, rng: random.Random) -> tuple[tuple[str, float], ...]:
@@ -194,7 +202,8 @@ class Augmenter:
         """The final training image (RGB PIL) and its boxes (absolute xywh pixels of it) and labels.
 
         `boxes_xywh` are absolute pixels of `image`, one per entry of `labels`. Boxes
-        cut away by a crop come back dropped, with their labels.
+        cut away by a crop come back dropped, with their labels. When `defers_resize`, the
+        image keeps its size (the processor resizes it to `base_size`).
         """
         if len(boxes_xywh) != len(labels):
             raise ValueError(f"{len(boxes_xywh)} boxes but {len(labels)} labels")
@@ -228,7 +237,8 @@ def apply_plan(
         image = F.crop(image, window.top, window.left, window.height, window.width)
         # Clamp right away: the boxes' edges are the crop's now, whatever the next resize does.
         boxes = F.clamp_bounding_boxes(F.crop(boxes, window.top, window.left, window.height, window.width))
-    image, boxes = F.resize(image, list(plan.final_size)), F.resize(boxes, list(plan.final_size))
+    if plan.final_size is not None:
+        image, boxes = F.resize(image, list(plan.final_size)), F.resize(boxes, list(plan.final_size))
     # Photometric ops are per pixel: cheapest on the final, usually smaller, image.
     for name, factor in plan.jitter:
         image = _JITTER_FUNCTIONS[name](image, factor)

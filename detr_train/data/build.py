@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from detr_train.config.schema import BudgetConfig, DataConfig, TrainingConfig
+from detr_train.data.augment import Augmenter
 from detr_train.data.coco import CocoDetectionDataset
 from detr_train.data.collate import DetrCollator
 from detr_train.data.sampling import EpochBatchSampler, select_training_images
@@ -38,20 +39,18 @@ def capped(value: int | None, cap: int | None) -> int | None:
 def build_data(data_cfg: DataConfig, train_cfg: TrainingConfig, budget: BudgetConfig) -> DataBundle:
     paths = prepare_dataset(data_cfg)
     overfit = train_cfg.overfit
-    full_train = CocoDetectionDataset(
-        paths.train_images, paths.train_ann, augment=not overfit and data_cfg.hflip_prob > 0,
-        hflip_prob=data_cfg.hflip_prob, seed=train_cfg.seed, default_size=data_cfg.image_size,
-    )
+    full_train = CocoDetectionDataset(paths.train_images, paths.train_ann, seed=train_cfg.seed,
+                                      default_size=data_cfg.image_size)
     train_ids = select_training_images(
         full_train.image_ids, subset_size=train_cfg.subset_size, subset_seed=train_cfg.subset_seed,
         overfit=overfit, overfit_size=train_cfg.overfit_size, budget_cap=budget.max_train_images,
         source=f"training set {paths.train_ann}",
     )
     train = full_train.subset(train_ids)
+    # Overfit mode trains on, and scores, the very same images, unaugmented.
+    train.augmenter = None if overfit else build_augmenter(data_cfg)
     if overfit:
-        # Overfit mode scores the very images it trains on, unaugmented.
         val = full_train.subset(train_ids)
-        val.augment = False
         val_ann = paths.train_ann
     else:
         full_val = CocoDetectionDataset(paths.val_images, paths.val_ann, default_size=data_cfg.eval_size)
@@ -66,6 +65,14 @@ def build_data(data_cfg: DataConfig, train_cfg: TrainingConfig, budget: BudgetCo
     log.info("Data: %d training images, %d evaluation images, %d classes",
              len(train), len(val), len(full_train.categories))
     return DataBundle(train, val, val_ann, list(full_train.categories.names))
+
+
+def build_augmenter(data_cfg: DataConfig) -> Augmenter | None:
+    """The training augmentation of `data.augment`; None when it changes nothing."""
+    settings = data_cfg.augment
+    if not (settings.hflip_prob or settings.scales or settings.crop.prob or settings.jitter.prob):
+        return None
+    return Augmenter(settings, reference_size=data_cfg.image_size, max_size_ratio=data_cfg.max_size_ratio)
 
 
 def training_sampler(num_images: int, train_cfg: TrainingConfig, size_for_epoch: Callable[[int], int],

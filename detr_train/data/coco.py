@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -20,6 +19,7 @@ from typing import Any, NamedTuple, Sequence
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from detr_train.data.augment import Augmenter
 from detr_train.data.sources import DatasetError
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ def _clean_annotations(data: dict, ann_file: Path, categories: CategoryMap) -> d
 class CocoDetectionDataset(Dataset):
     """Images + targets from a COCO json, in the format the HF image processor expects.
 
-    `image_ids` restricts the dataset to a subset (in that order). Augmentation is a
-    horizontal flip whose coin is a pure function of (seed, epoch, index), so a resumed
+    `image_ids` restricts the dataset to a subset (in that order). An `augmenter`
+    (`data.augment`) draws every random choice from (seed, epoch, index), so a resumed
     run sees exactly the augmentations an uninterrupted one would.
     """
 
@@ -130,8 +130,7 @@ class CocoDetectionDataset(Dataset):
         ann_file: Path,
         *,
         image_ids: Sequence[int] | None = None,
-        augment: bool = False,
-        hflip_prob: float = 0.5,
+        augmenter: Augmenter | None = None,
         seed: int = 0,
         default_size: int = 800,
     ):
@@ -153,8 +152,7 @@ class CocoDetectionDataset(Dataset):
             raise DatasetError(f"dataset is empty: {self.ann_file} lists no images")
         self.image_ids = all_ids
         self._check_image_files()
-        self.augment = augment
-        self.hflip_prob = hflip_prob
+        self.augmenter = augmenter
         self.seed = seed
         self.default_size = default_size
 
@@ -197,6 +195,7 @@ class CocoDetectionDataset(Dataset):
         image_id = self.image_ids[request.index]
         info = self._images[image_id]
         image = self._load_image(info)
+        orig_size = (image.height, image.width)
         annotations = [
             {
                 "bbox": list(ann["bbox"]),
@@ -207,18 +206,23 @@ class CocoDetectionDataset(Dataset):
             for ann in self._annotations[image_id]
             if not ann.get("iscrowd", 0)
         ]
-        if self.augment and self._flip_coin(request):
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            for ann in annotations:
-                x, y, w, h = ann["bbox"]
-                ann["bbox"] = [image.width - x - w, y, w, h]
+        size: int | None = request.size
+        if self.augmenter is not None:
+            image, annotations = self._augment(image, annotations, request)
+            if not self.augmenter.defers_resize:
+                size = None  # already at its final size: the collator only normalises and pads
         return {
             "image": image,
             "target": {"image_id": image_id, "annotations": annotations},
-            "size": request.size,
-            "orig_size": (image.height, image.width),
+            "size": size,
+            "orig_size": orig_size,
         }
 
-    def _flip_coin(self, request: SampleRequest) -> bool:
-        rng = random.Random(f"{self.seed}-{request.epoch}-{request.index}")
-        return rng.random() < self.hflip_prob
+    def _augment(self, image: Image.Image, annotations: list[dict], request: SampleRequest):
+        image, boxes, labels = self.augmenter(
+            image, [a["bbox"] for a in annotations], [a["category_id"] for a in annotations],
+            seed=self.seed, epoch=request.epoch, index=request.index, base_size=request.size,
+        )
+        annotations = [{"bbox": box, "category_id": label, "area": box[2] * box[3], "iscrowd": 0}
+                       for box, label in zip(boxes, labels)]
+        return image, annotations

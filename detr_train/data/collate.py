@@ -26,12 +26,15 @@ class DetrCollator:
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
         sizes = {s["size"] for s in samples}
         if len(sizes) != 1:
-            raise ValueError(f"a batch must have one image size, got {sorted(sizes)}")
+            raise ValueError(f"a batch must have one image size, got {sizes}")
+        size = sizes.pop()
+        # size None: augmentation already resized each image (multi-scale); only normalise and pad.
+        resize = {"do_resize": False} if size is None else {"size": processor_size(size, self.max_size_ratio)}
         encoded = self.image_processor(
             images=[s["image"] for s in samples],
             annotations=[s["target"] for s in samples],
-            size=processor_size(sizes.pop(), self.max_size_ratio),
             return_tensors="pt",
+            **resize,
         )
         return {
             "pixel_values": encoded["pixel_values"],

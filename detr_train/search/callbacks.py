@@ -19,7 +19,8 @@ class ReportToTrial(Callback):
     """After every evaluated epoch: report mAP; stop the run when the trial should be pruned.
 
     A trial is never pruned after its last epoch: nothing is left to save there, and a
-    successive-halving rung that falls on it would only discard a finished result.
+    successive-halving rung that falls on it would only discard a finished result. Nor is
+    one that another callback already ends (early stopping): it finished, COMPLETE.
     """
 
     def __init__(self, reporter: Reporter):
@@ -29,7 +30,7 @@ class ReportToTrial(Callback):
         if result.metrics is None:
             return
         self.reporter.report(result.epoch, result.metrics["map"])
-        if result.epoch < trainer.epochs and self.reporter.should_prune():
+        if trainer.stop_request is None and result.epoch < trainer.epochs and self.reporter.should_prune():
             log.info("Trial pruned by the search after epoch %d (mAP %.4f)", result.epoch, result.metrics["map"])
             trainer.request_stop("pruned by the search", interrupted=False)
 

@@ -1,0 +1,20 @@
+"""Configs saved by older detr-train releases (in checkpoints), brought to today's keys.
+
+A checkpoint carries its run's config; resuming merges it into today's schema, so a key
+that has since moved must be moved first. Each step says which release wrote the old form.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` (a plain container) with renamed or moved keys in today's places."""
+    data = saved.get("data")
+    if isinstance(data, dict) and "hflip_prob" in data:
+        # Format-1 checkpoints: the only augmentation was a flip, `data.hflip_prob`.
+        flip = data.pop("hflip_prob")
+        augment = data.setdefault("augment", {})
+        augment.setdefault("hflip_prob", flip)
+    return saved
