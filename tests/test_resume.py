@@ -32,6 +32,10 @@ def _records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
 
 
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
 def _train_state(path: Path) -> dict:
     return ckpt.train_state_of(ckpt.load_checkpoint(path))
 
@@ -206,15 +210,17 @@ def test_a_requeued_job_started_again_without_a_resume_path_continues_mid_epoch(
 
     from tests.conftest import REPO_ROOT
 
-    args = small_run_overrides + ["training.epochs=3", "training.val_subset_size=4", "name=requeue"]
+    args = small_run_overrides + ["training.epochs=3", "training.val_subset_size=4", "name=requeue",
+                                  "training.log_every=1"]
     env = dict(os.environ, SLURM_JOB_ID="4242")
     process = subprocess.Popen([sys.executable, "-m", "detr_train", *args], cwd=REPO_ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "outputs" / "requeue" / "slurm_4242"
+    # Signal on observed progress, not on time: the first step of epoch 2 is in the log (epoch 1
+    # is checkpointed), and 11 of its 12 steps are still to come.
     deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    time.sleep(1.0)  # past epoch 1's checkpoint, a few steps into epoch 2 (12 steps of ~0.2 s)
+    while time.time() < deadline and "epoch 2 step 13:" not in _text(run_dir / "train.log"):
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-2000:]
@@ -290,3 +296,28 @@ def test_a_run_checkpointed_by_the_first_release_resumes_as_if_never_stopped(sma
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), name
     for key in ("epoch", "batch_in_epoch", "global_step", "best_epoch"):
         assert getattr(resumed.state, key) == getattr(straight.state, key)
+
+
+def test_a_run_that_accumulates_gradients_resumes_mid_epoch_exactly(small_run_overrides, tmp_path, monkeypatch):
+    """Checkpoints of an accumulating run fall on optimiser-step boundaries (after a whole
+    window of micro-batches), so a resume from one continues exactly."""
+    overrides = ["training.accumulate_steps=2", "training.checkpoint.every_n_steps=2", "training.subset_size=32"]
+    straight = Trainer(_cfg(small_run_overrides, *overrides), tmp_path / "straight")
+    straight.fit()
+    run_dir = tmp_path / "crashed"
+    trainer = Trainer(_cfg(small_run_overrides, *overrides), run_dir)
+    original_save = trainer.checkpointer.save
+
+    def save_then_crash(**kwargs):
+        path = original_save(**kwargs)
+        if trainer.state.global_step == 6:  # 8 batches = 4 steps per epoch: epoch 2, step 2
+            raise _Crash
+        return path
+
+    monkeypatch.setattr(trainer.checkpointer, "save", save_then_crash)
+    with pytest.raises(_Crash):
+        trainer.fit()
+    saved = _train_state(run_dir / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"], saved["global_step"]) == (1, 4, 6)
+    assert saved["effective_batch_size"] == 8
+    _assert_same_run(straight, _resume(_cfg(small_run_overrides, *overrides), run_dir))

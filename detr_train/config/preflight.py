@@ -32,15 +32,33 @@ def preflight(argv: list[str]) -> DictConfig | None:
         return None
     overrides = _without_sweeps(args.overrides)
     try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
+        cfg = _compose(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(composition_error(exc), hint=_hint(exc)) from exc
+    except AssertionError as exc:
+        # OmegaConf asserts instead of raising when an override reaches under a null node
+        # (data.generate.x with data=coco): find which override it was.
+        culprit = _first_failing(overrides)
+        raise ConfigError(f"cannot apply {culprit}: its parent key is null in this config") from exc
     with open_dict(cfg):
         cfg.pop("hydra", None)
     check_config(cfg)
     _check_device_exists(cfg.training.device)
     return cfg
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _first_failing(overrides: list[str]) -> str:
+    for count in range(1, len(overrides) + 1):
+        try:
+            _compose(overrides[:count])
+        except (AssertionError, HydraException, OmegaConfBaseException):
+            return overrides[count - 1]
+    return " ".join(overrides)
 
 
 def _without_sweeps(overrides: list[str]) -> list[str]:
@@ -59,6 +77,8 @@ def composition_error(exc: BaseException) -> str:
     for line in lines:
         if line.startswith(("Config search path", "Set the environment variable")):
             break
+        if line.startswith("To append to your config"):
+            continue  # the schema refuses unknown keys, appended or not
         if line and not line.startswith(("full_key:", "object_type=", "reference_type=")):
             kept.append(line)
     cause = exc.__cause__
