@@ -60,3 +60,14 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the stop signals are the main process's to handle.
+
+    SLURM, `timeout` and a terminal's Ctrl-C signal the whole process group. A worker that
+    died of it would take the epoch down with it before the main process could finish its
+    step and checkpoint; workers exit when the main process closes the loader (or dies).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

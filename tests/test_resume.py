@@ -184,12 +184,13 @@ def test_sigterm_to_the_cli_process_checkpoints_and_auto_resume_finishes(small_r
     args = small_run_overrides + ["training.epochs=6", "training.val_subset_size=4", "name=preempt",
                                   "data.num_workers=1"]
     process = subprocess.Popen([sys.executable, "-m", "detr_train", *args], cwd=REPO_ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     runs = tmp_path / "outputs" / "preempt"
     deadline = time.time() + 300
     while time.time() < deadline and not list(runs.glob("*/metrics.jsonl")):
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    # To the whole process group, DataLoader worker included, as SLURM and `timeout` send it.
+    os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-2000:]
     assert "training.resume=" in output

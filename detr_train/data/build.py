@@ -17,6 +17,7 @@ from detr_train.data.collate import DetrCollator
 from detr_train.data.sampling import EpochBatchSampler, select_training_images
 from detr_train.data.sources import DatasetError, prepare_dataset
 from detr_train.launch_env import DistContext
+from detr_train.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def make_loader(dataset, batch_sampler, collator: DetrCollator, data_cfg: DataCo
         num_workers=workers,
         persistent_workers=workers > 0 and data_cfg.persistent_workers,
         pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
         # Worker seeds come from this generator, not the global RNG, so creating an
         # iterator never shifts the training RNG stream (exact resume).
         generator=torch.Generator().manual_seed(seed),
