@@ -19,7 +19,11 @@ NaN passes through both unchanged.
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import inspect
 import logging
+import textwrap
 from typing import Any
 
 import torch
@@ -31,8 +35,10 @@ from transformers.models.deformable_detr.modeling_deformable_detr import (
 
 log = logging.getLogger(__name__)
 
-# The transformers release whose `DeformableDetrEncoderLayer.forward` the body below copies.
+# The transformers release whose `DeformableDetrEncoderLayer.forward` the body below copies,
+# and the fingerprint of that forward: the patch applies wherever the installed one matches.
 MIRRORED_TRANSFORMERS = "5.24"
+MIRRORED_FORWARD = "f054c103a7a2c53e080fe73503b4f5c8051bcb3c811192f244117ee7f5d40c91"
 
 
 class SyncFreeDeformableDetrEncoderLayer(DeformableDetrEncoderLayer):
@@ -85,9 +91,19 @@ class SyncFreeDeformableDetrEncoderLayer(DeformableDetrEncoderLayer):
         return hidden_states
 
 
+def forward_fingerprint(function) -> str:
+    """A hash of a function's code (its syntax tree, docstring left out): two releases whose
+    forward differs only in comments or docstrings have the same fingerprint."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+    first = tree.body[0] if tree.body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        tree.body = tree.body[1:]
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
 def _mirrors_installed_transformers() -> bool:
-    installed = ".".join(transformers.__version__.split(".")[:2])
-    return installed == MIRRORED_TRANSFORMERS
+    # transformers 5.17 to 5.24 share this forward; any other code is not replaced blindly.
+    return forward_fingerprint(DeformableDetrEncoderLayer.forward) == MIRRORED_FORWARD
 
 
 def remove_encoder_isfinite_sync(model: nn.Module) -> int:
@@ -97,13 +113,13 @@ def remove_encoder_isfinite_sync(model: nn.Module) -> int:
     has its class switched to `SyncFreeDeformableDetrEncoderLayer`: weights, hooks and
     state_dict keys are untouched and other model instances are unaffected. Idempotent:
     layers already switched are counted again, not changed, so a second call returns the
-    same number. If the installed transformers is not the release the forward was copied
-    from, nothing is changed (0 is returned) and a warning says so.
+    same number. If the installed transformers' forward is not the code that was copied (its
+    fingerprint differs), nothing is changed (0 is returned) and a warning says so.
     """
     if not _mirrors_installed_transformers():
         log.warning(
-            "transformers %s is installed but the sync-free encoder layer copies %s; "
-            "encoder layers left unpatched (they keep one host sync each in training)",
+            "transformers %s's DeformableDetrEncoderLayer.forward is not the one the sync-free layer copies "
+            "(from %s); encoder layers left unpatched (they keep one host sync each in training)",
             transformers.__version__,
             MIRRORED_TRANSFORMERS,
         )

@@ -364,14 +364,40 @@ def test_sync_free_encoder_layers_give_exactly_the_same_training_step():
         assert torch.equal(grad, expected_grads[name]), name
 
 
-def test_sync_free_patch_refuses_another_transformers_release(monkeypatch, caplog):
+def test_sync_free_patch_refuses_an_encoder_layer_whose_code_changed(monkeypatch, caplog):
     import transformers
+
+    from detr_train import sync_free
 
     model = tiny_model()
     monkeypatch.setattr(transformers, "__version__", "5.99.0")
+    monkeypatch.setattr(sync_free, "MIRRORED_FORWARD", "another forward")
     assert remove_encoder_isfinite_sync(model) == 0
     assert type(model.model.encoder.layers[0]) is not SyncFreeDeformableDetrEncoderLayer
     assert "5.99.0" in caplog.text
+
+
+def test_the_fingerprint_ignores_docstrings_but_not_code():
+    from detr_train.sync_free import forward_fingerprint
+
+    def documented():
+        def forward(x):
+            """Doubles."""
+            return 2 * x
+        return forward
+
+    def undocumented():
+        def forward(x):
+            return 2 * x  # a comment
+        return forward
+
+    def changed():
+        def forward(x):
+            return 3 * x
+        return forward
+
+    assert forward_fingerprint(documented()) == forward_fingerprint(undocumented())
+    assert forward_fingerprint(documented()) != forward_fingerprint(changed())
 
 
 class InjectInfinity(torch.nn.Module):
