@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -67,7 +68,16 @@ def ignore_stop_signals(worker_id: int) -> None:
 
     SLURM, `timeout` and a terminal's Ctrl-C signal the whole process group. A worker that
     died of it would take the epoch down with it before the main process could finish its
-    step and checkpoint; workers exit when the main process closes the loader (or dies).
+    step and checkpoint. So each worker leaves the group (it gets no group-wide signal) and
+    ignores the signals only schedulers send (SIGINT, SIGUSR1, SIGUSR2). SIGTERM sent to the
+    worker itself keeps its default action: the DataLoader and multiprocessing's exit
+    handler stop workers with it and then wait for them, so a worker that ignored it would
+    hang its main process at exit. Workers also exit when the main process dies.
     """
+    try:
+        os.setpgrp()
+    except OSError as error:  # not expected for a forked worker; the signals below still apply
+        log.debug("DataLoader worker %d stays in its parent's process group: %s", worker_id, error)
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)

@@ -365,12 +365,12 @@ def test_sync_free_encoder_layers_give_exactly_the_same_training_step():
 
 
 def test_sync_free_patch_refuses_an_encoder_layer_whose_code_changed(monkeypatch, caplog):
-    import transformers
-
     from detr_train import sync_free
 
     model = tiny_model()
-    monkeypatch.setattr(transformers, "__version__", "5.99.0")
+    # Patch the module sync_free reports from: an earlier test may have left another
+    # `transformers` module object in sys.modules.
+    monkeypatch.setattr(sync_free.transformers, "__version__", "5.99.0")
     monkeypatch.setattr(sync_free, "MIRRORED_FORWARD", "another forward")
     assert remove_encoder_isfinite_sync(model) == 0
     assert type(model.model.encoder.layers[0]) is not SyncFreeDeformableDetrEncoderLayer
