@@ -32,6 +32,9 @@ FORMAT_VERSION = 2
 KEY_FORMAT_VERSION = "format_version"
 KEY_CONFIG_YAML = "config_yaml"
 KEY_CLASS_NAMES = "class_names"
+# The model's transformers config (JSON text): a resume rebuilds the very architecture it
+# trained, without fetching pretrained weights again.
+KEY_MODEL_CONFIG = "model_config"
 
 # The stateful parts every run checkpoints (more may be added, e.g. EMA weights).
 STATE_MODEL = "model"

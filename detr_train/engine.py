@@ -23,7 +23,7 @@ from detr_train import distributed
 from detr_train.criterion import DeformableDetrCriterion
 from detr_train.ema import ModelEMA
 from detr_train.errors import DetrTrainError
-from detr_train.evaluation import gathered_coco_evaluate
+from detr_train.evaluation import CocoScores, gathered_scores
 from detr_train.launch_env import SINGLE_PROCESS, DistContext
 from detr_train.optim import LRSchedule
 from detr_train.precision import Precision
@@ -291,11 +291,14 @@ class Evaluator:
         self.label_to_category = label_to_category
         self.dist = dist
         self.progress = progress
+        self.last_scores: CocoScores | None = None  # COCOeval's arrays of the last call (main process)
+        self.last_detections: list[dict] = []  # this process's detections of the last call
 
     def __call__(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
         start = time.perf_counter()
-        detections = predict(model, batches, self.image_processor, self.precision, self.device,
-                             self.label_to_category, progress=self.progress)
-        metrics = gathered_coco_evaluate(self.coco_gt, detections, self.image_ids, self.dist)
+        self.last_detections = predict(model, batches, self.image_processor, self.precision, self.device,
+                                       self.label_to_category, progress=self.progress)
+        self.last_scores = gathered_scores(self.coco_gt, self.last_detections, self.image_ids, self.dist)
+        metrics = dict(self.last_scores.metrics)
         metrics["eval_time"] = time.perf_counter() - start
         return metrics

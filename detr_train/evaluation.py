@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -55,6 +56,18 @@ def _per_class_ap(evaluator: COCOeval) -> list[float]:
     return result
 
 
+@dataclass
+class CocoScores:
+    """COCOeval's results: the metrics, and its own precision array for curves."""
+
+    metrics: dict
+    # eval["precision"]: [iou thresholds, recall points, classes, areas, max dets], -1 = no data;
+    # None when there were no detections to evaluate.
+    precision: np.ndarray | None = None
+    recall_thresholds: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)  # in the precision array's class order
+
+
 def coco_evaluate(
     coco_gt: COCO,
     detections: Sequence[dict],
@@ -67,13 +80,20 @@ def coco_evaluate(
     Returns a dict of floats named as in STAT_NAMES, plus `map_per_class` (name -> AP).
     With no detections at all every score is 0 (COCOeval cannot load an empty result).
     """
+    return score_detections(coco_gt, detections, image_ids, class_names=class_names).metrics
+
+
+def score_detections(
+    coco_gt: COCO, detections: Sequence[dict], image_ids: Sequence[int], *, class_names: dict[int, str] | None = None,
+) -> CocoScores:
+    """`coco_evaluate`, keeping COCOeval's precision array (for precision-recall curves)."""
     image_ids = sorted(int(i) for i in image_ids)
     category_ids = sorted(coco_gt.getCatIds())
     names = class_names or {c["id"]: c["name"] for c in coco_gt.loadCats(category_ids)}
     if not detections:
         metrics = {name: 0.0 for name in STAT_NAMES}
         metrics["map_per_class"] = {names[c]: 0.0 for c in category_ids}
-        return metrics
+        return CocoScores(metrics, class_names=[names[c] for c in category_ids])
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes([dict(d) for d in detections])
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
@@ -84,7 +104,8 @@ def coco_evaluate(
     metrics = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
     per_class = _per_class_ap(evaluator)
     metrics["map_per_class"] = {names[c]: ap for c, ap in zip(evaluator.params.catIds, per_class)}
-    return metrics
+    return CocoScores(metrics, evaluator.eval["precision"], np.asarray(evaluator.params.recThrs),
+                      [names[c] for c in evaluator.params.catIds])
 
 
 def format_per_class_table(map_per_class: dict[str, float]) -> str:
@@ -98,10 +119,16 @@ def format_per_class_table(map_per_class: dict[str, float]) -> str:
 
 def gathered_coco_evaluate(coco_gt: COCO, local_detections: list[dict], image_ids: list[int], ctx: DistContext) -> dict:
     """COCOeval once, on rank 0, over the detections of every rank's shard; the metrics on all ranks."""
+    return gathered_scores(coco_gt, local_detections, image_ids, ctx).metrics
+
+
+def gathered_scores(coco_gt: COCO, local_detections: list[dict], image_ids: list[int], ctx: DistContext) -> CocoScores:
+    """`gathered_coco_evaluate` with COCOeval's arrays on rank 0 (the other ranks get the metrics only)."""
     if not ctx.enabled:
-        return coco_evaluate(coco_gt, local_detections, image_ids)
+        return score_detections(coco_gt, local_detections, image_ids)
     shards = gather_to_main(local_detections, ctx)
-    metrics = None
+    scores = None
     if ctx.is_main:
-        metrics = coco_evaluate(coco_gt, [d for shard in shards for d in shard], image_ids)
-    return broadcast_from_main(metrics, ctx)
+        scores = score_detections(coco_gt, [d for shard in shards for d in shard], image_ids)
+    metrics = broadcast_from_main(None if scores is None else scores.metrics, ctx)
+    return scores if ctx.is_main else CocoScores(metrics)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
 
 from detr_train.config.checks import WHOLE_LOSS_KEYS
-from detr_train.config.schema import BackboneNorm, ModelConfig
-from detr_train.errors import DetrTrainError
+from detr_train.config.schema import BackboneConfig, BackboneNorm, ModelConfig
+from detr_train.pretrained import (  # noqa: F401 - PretrainedUnavailableError: part of this module's API
+    PretrainedUnavailableError,
+    load_detector,
+    load_timm_backbone_weights,
+    timm_architecture,
+)
 
 log = logging.getLogger(__name__)
-
-
-class PretrainedUnavailableError(DetrTrainError, RuntimeError):
-    """Pretrained weights were asked for but cannot be found or fetched."""
 
 
 ARCHITECTURE_KEYS = (
@@ -37,20 +37,50 @@ def _architecture_kwargs(model_cfg: ModelConfig) -> dict:
     }
 
 
-def build_model_config(model_cfg: ModelConfig, class_names: list[str]):
-    """A random-init DeformableDetrConfig with a transformers ResNet backbone (no timm needed)."""
-    from transformers import DeformableDetrConfig, ResNetConfig
+def is_timm(backbone_cfg: BackboneConfig) -> bool:
+    """A timm backbone: asked for by type, or implied by ImageNet weights from timm."""
+    return backbone_cfg.type == "timm" or bool(backbone_cfg.pretrained)
 
-    backbone_cfg = model_cfg.backbone
-    backbone = ResNetConfig(
-        embedding_size=backbone_cfg.embedding_size,
-        hidden_sizes=list(backbone_cfg.hidden_sizes),
-        depths=list(backbone_cfg.depths),
-        layer_type=backbone_cfg.layer_type,
-        out_features=list(backbone_cfg.out_features),
-    )
+
+def _stage_index(feature: str) -> int:
+    """`stage3` -> 3: transformers' and timm's ResNets number their stages alike (0 is the stem)."""
+    return int(feature.removeprefix("stage"))
+
+
+def backbone_config(model_cfg: ModelConfig):
+    """The backbone's transformers config, by `model.backbone.type`:
+
+    - `resnet`: transformers' ResNet, BatchNorm frozen (for ImageNet-pretrained weights);
+    - `bit`: transformers' BiT (ResNet v2 with GroupNorm and weight standardisation): trains
+      from scratch at any batch size, and save_pretrained/from_pretrained rebuild it exactly;
+    - `timm`: a timm model (`model.backbone.name`, or the architecture of
+      `model.backbone.pretrained`), BatchNorm frozen.
+    """
+    from transformers import BitConfig, ResNetConfig, TimmBackboneConfig
+
+    cfg = model_cfg.backbone
+    out_features = list(cfg.out_features)
+    if is_timm(cfg):
+        return TimmBackboneConfig(backbone=timm_architecture(cfg.name or cfg.pretrained),
+                                  out_indices=[_stage_index(f) for f in out_features])
+    sizes = {"embedding_size": cfg.embedding_size, "hidden_sizes": list(cfg.hidden_sizes), "depths": list(cfg.depths),
+             "layer_type": cfg.layer_type, "out_features": out_features}
+    if cfg.type == "bit":
+        return BitConfig(num_groups=cfg.num_groups, **sizes)
+    if cfg.type == "convnext":
+        from transformers import ConvNextConfig
+
+        return ConvNextConfig(num_stages=len(cfg.hidden_sizes), hidden_sizes=list(cfg.hidden_sizes),
+                              depths=list(cfg.depths), out_features=out_features)
+    return ResNetConfig(**sizes)
+
+
+def build_model_config(model_cfg: ModelConfig, class_names: list[str]):
+    """A random-init DeformableDetrConfig for this model config and these classes."""
+    from transformers import DeformableDetrConfig
+
     return DeformableDetrConfig(
-        backbone_config=backbone,
+        backbone_config=backbone_config(model_cfg),
         num_labels=len(class_names),
         id2label=dict(enumerate(class_names)),
         label2id={name: i for i, name in enumerate(class_names)},
@@ -58,101 +88,88 @@ def build_model_config(model_cfg: ModelConfig, class_names: list[str]):
     )
 
 
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the model hub cannot be reached, or None. Fails in seconds where the hub
-    client would retry for half a minute."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return "HF_HUB_OFFLINE is set and the weights are not in the local cache"
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as exc:
-        return f"cannot reach {constants.ENDPOINT}: {exc}"
-    return None
-
-
-def _load_pretrained(source: str, class_names: list[str]):
-    from transformers import DeformableDetrForObjectDetection
-
-    local = Path(source).expanduser()
-    label_kwargs = {
-        "num_labels": len(class_names),
-        "id2label": dict(enumerate(class_names)),
-        "label2id": {name: i for i, name in enumerate(class_names)},
-        # The class head is re-initialised for this dataset's classes.
-        "ignore_mismatched_sizes": True,
-    }
-    if local.is_dir():
-        return DeformableDetrForObjectDetection.from_pretrained(str(local), **label_kwargs)
-    if local.suffix or source.startswith((".", "/", "~")):
-        raise PretrainedUnavailableError(f"model.pretrained={source!r}: no such local folder")
-    try:
-        try:
-            # A cached copy needs no network at all.
-            return DeformableDetrForObjectDetection.from_pretrained(source, local_files_only=True, **label_kwargs)
-        except OSError:
-            pass
-        endpoint_problem = _hub_unreachable()
-        if endpoint_problem:
-            raise OSError(endpoint_problem)
-        return DeformableDetrForObjectDetection.from_pretrained(source, **label_kwargs)
-    except (OSError, ValueError, ImportError) as exc:
-        raise PretrainedUnavailableError(
-            f"could not load pretrained weights model.pretrained={source!r} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Without network access, either train from "
-            f"scratch with model.pretrained=null, or point model.pretrained at a local folder written by "
-            f"save_pretrained (or a downloaded hub snapshot)."
-        ) from exc
-
-
 def _group_norm_for(frozen) -> torch.nn.GroupNorm:
     channels = frozen.weight.shape[0]
     return torch.nn.GroupNorm(math.gcd(8, channels), channels)
 
 
-def adapt_backbone(model, *, norm: BackboneNorm, train_stem: bool) -> None:
-    """Make transformers' backbone trainable from scratch when asked.
+def _batch_norm_for(frozen) -> torch.nn.BatchNorm2d:
+    return torch.nn.BatchNorm2d(frozen.weight.shape[0])
 
-    transformers assumes an ImageNet-pretrained backbone: it freezes BatchNorm and
-    the stem + first stage. A randomly initialised backbone cannot learn like that,
-    so a from-scratch model swaps in GroupNorm (batch-size independent) and trains
-    every backbone layer.
+
+def uses_swapped_group_norm(model_cfg: ModelConfig) -> bool:
+    """The first release's from-scratch backbone: transformers' ResNet with GroupNorm swapped in.
+    Still trained and resumed, but save_pretrained cannot describe it (use type bit)."""
+    return model_cfg.backbone.type == "resnet" and model_cfg.backbone.norm == BackboneNorm.group_norm
+
+
+def adapt_backbone(model, model_cfg: ModelConfig) -> None:
+    """Which backbone layers train, and the first release's GroupNorm swap.
+
+    transformers assumes an ImageNet-pretrained ResNet: it freezes BatchNorm and the stem +
+    first stage. `train_stem` trains them too (training from scratch); a timm backbone's stem
+    and first stage are frozen the same way unless it is set.
     """
     backbone = model.model.backbone.model
-    if norm == BackboneNorm.group_norm:
+    norm = model_cfg.backbone.norm
+    if model_cfg.backbone.type == "resnet" and norm != BackboneNorm.frozen_bn:
+        swap = _group_norm_for if norm == BackboneNorm.group_norm else _batch_norm_for
         for parent in list(backbone.modules()):
             for child_name, child in list(parent.named_children()):
                 if type(child).__name__ == "DeformableDetrFrozenBatchNorm2d":
-                    setattr(parent, child_name, _group_norm_for(child))
-    if train_stem:
+                    setattr(parent, child_name, swap(child))
+    if model_cfg.backbone.train_stem:
         for parameter in backbone.parameters():
             parameter.requires_grad_(True)
+    elif is_timm(model_cfg.backbone):
+        _freeze_before(backbone, backbone.feature_info.module_name()[0])
 
 
-def build_model(model_cfg: ModelConfig, class_names: list[str]):
-    """The detection model: random init from the config, or pretrained weights with a resized head."""
-    if model_cfg.pretrained:
-        model = _load_pretrained(model_cfg.pretrained, class_names)
-        log.info("Loaded pretrained weights from %s (class head resized to %d classes)", model_cfg.pretrained, len(class_names))
+def _freeze_before(backbone: torch.nn.Module, first_output: str) -> None:
+    """Freeze the modules that come before the first returned stage (stem and stage 1)."""
+    for name, child in backbone.named_children():
+        if name == first_output:
+            return
+        for parameter in child.parameters():
+            parameter.requires_grad_(False)
+
+
+def build_model(model_cfg: ModelConfig, class_names: list[str], *, architecture: dict | None = None):
+    """The detection model: pretrained weights (`model.pretrained`, class head resized), or
+    random init from the config, with an ImageNet backbone if `model.backbone.pretrained`.
+
+    `architecture` (a DeformableDetrConfig as a dict, from a checkpoint) rebuilds the very
+    model a run was trained with, downloading nothing: its weights come from the checkpoint.
+    """
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    if architecture is not None:
+        model = DeformableDetrForObjectDetection(DeformableDetrConfig.from_dict(architecture))
+        adapt_backbone(model, model_cfg)
         return model
-    from transformers import DeformableDetrForObjectDetection
-
+    if model_cfg.pretrained:
+        model = load_detector(model_cfg.pretrained, class_names)
+        log.info("Loaded a %s Deformable DETR from model.pretrained=%s (class head resized to %d classes); its "
+                 "architecture is the checkpoint's, the architecture keys of the model config are not used",
+                 _variant(model.config), model_cfg.pretrained, len(class_names))
+        return model
     model = DeformableDetrForObjectDetection(build_model_config(model_cfg, class_names))
-    adapt_backbone(model, norm=model_cfg.backbone.norm, train_stem=model_cfg.backbone.train_stem)
-    log.info(
-        "Built %s from scratch: %.2fM parameters, %d classes",
-        model_cfg.name,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        len(class_names),
-    )
+    backbone_cfg = model_cfg.backbone
+    if backbone_cfg.pretrained:
+        load_timm_backbone_weights(model.model.backbone.model, backbone_cfg.pretrained,
+                                   timm_architecture(backbone_cfg.name or backbone_cfg.pretrained),
+                                   [_stage_index(f) for f in backbone_cfg.out_features])
+    adapt_backbone(model, model_cfg)
+    log.info("Built %s (%s, %s backbone%s): %.2fM parameters, %d classes", model_cfg.name, _variant(model.config),
+             backbone_cfg.type, f" from {backbone_cfg.pretrained}" if backbone_cfg.pretrained else "",
+             sum(p.numel() for p in model.parameters()) / 1e6, len(class_names))
     return model
+
+
+def _variant(config) -> str:
+    if config.two_stage:
+        return "two-stage"
+    return "box-refinement" if config.with_box_refine else "plain"
 
 
 def build_image_processor(eval_size: int, max_size_ratio: float):

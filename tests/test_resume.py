@@ -156,8 +156,11 @@ def test_incompatible_checkpoint_is_refused_and_the_run_dir_untouched(small_run_
     last = run_dir / "checkpoints" / "last.pt"
     payload = torch.load(last, weights_only=True)
     cfg = OmegaConf.create(payload[ckpt.KEY_CONFIG_YAML])
-    cfg.model.d_model = 32  # the weights no longer fit the architecture the config describes
+    cfg.model.d_model = 32  # the weights no longer fit the architecture the checkpoint describes
     payload[ckpt.KEY_CONFIG_YAML] = OmegaConf.to_yaml(cfg)
+    architecture = json.loads(payload[ckpt.KEY_MODEL_CONFIG])  # what a resume rebuilds the model from
+    architecture["d_model"] = 32
+    payload[ckpt.KEY_MODEL_CONFIG] = json.dumps(architecture)
     ckpt.save_checkpoint(last, payload)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     result = run_cli(args + [f"training.resume={last}"])
@@ -263,7 +266,10 @@ LEGACY = ["training.schedule.name=step", "training.schedule.step_epochs=[2]", "t
           "training.val_subset_size=8", "training.checkpoint.every_n_steps=5", "model.d_model=32",
           "model.encoder_ffn_dim=64", "model.decoder_ffn_dim=64", "model.num_queries=5",
           "model.encoder_attention_heads=2", "model.decoder_attention_heads=2", "model.backbone.embedding_size=8",
-          "model.backbone.hidden_sizes=[8,16,32]"]
+          "model.backbone.hidden_sizes=[8,16,32]",
+          # The first release's defaults that have changed since: its backbone and gradient clip.
+          "model.backbone.type=resnet", "model.backbone.layer_type=basic", "model.backbone.norm=group_norm",
+          "training.grad_clip=0.1"]
 
 
 def _assert_close_records(got: list[dict], expected: list[dict]) -> None:
