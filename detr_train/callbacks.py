@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 from detr_train import distributed
 from detr_train.atomic import remove_temp_files
 from detr_train.checkpointer import Checkpointer
-from detr_train.evaluation import format_per_class_table
+from detr_train.evaluation import CocoScores, format_per_class_table
 from detr_train.metrics_log import MetricsLog
+from detr_train.model import uses_swapped_group_norm
 from detr_train.signals import GracefulStop
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class EpochResult:
     record: dict[str, Any]
     started: float = 0.0  # perf_counter() when the epoch began
     metrics: dict[str, Any] | None = None  # validation metrics, when this epoch was evaluated
+    # COCOeval's arrays behind `metrics` (precision for PR curves); None when not evaluated.
+    scores: CocoScores | None = None
     is_best: bool = False
 
 
@@ -80,6 +83,8 @@ class Evaluate(Callback):
             return
         primary = "model" if trainer.ema is None else "ema"
         result.metrics = trainer.evaluate(primary)
+        # Kept now: scoring the raw weights below replaces the evaluator's last scores.
+        result.scores = trainer.evaluator.last_scores
         result.record.update(result.metrics)
         scores = {primary: result.metrics["map"]}
         if primary == "ema" and self.also_raw:
@@ -237,6 +242,11 @@ class ExportHF(Callback):
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if not trainer.dist.is_main:
+            return
+        if uses_swapped_group_norm(trainer.cfg.model):
+            log.error("Not exported: this model's backbone (model.backbone.type=resnet with norm=group_norm, the first "
+                      "release's from-scratch backbone) cannot be rebuilt by from_pretrained; train with "
+                      "model.backbone.type=bit to export")
             return
         target = trainer.run_dir / self.FOLDER
         model, which = trainer.best_weights()

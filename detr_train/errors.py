@@ -55,15 +55,15 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
-def format_error(error: BaseException | str, hint: str | None = None) -> str:
-    text = f"{PROGRAM}: error: {one_line(error)}"
+def format_error(error: BaseException | str, hint: str | None = None, *, program: str = PROGRAM) -> str:
+    text = f"{program}: error: {one_line(error)}"
     hint = hint if hint is not None else getattr(error, "hint", None)
     if hint:
         text += f"\n  hint: {one_line(hint)}"
     return text
 
 
-def exit_with_error(error: BaseException | str, hint: str | None = None) -> None:
+def exit_with_error(error: BaseException | str, hint: str | None = None, *, program: str = PROGRAM) -> None:
     """Print the error the CLI way and exit with status 2 (SystemExit passes through Hydra)."""
-    print(format_error(error, hint), file=sys.stderr, flush=True)
+    print(format_error(error, hint, program=program), file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USAGE)

@@ -14,7 +14,7 @@ Which side wins on resume:
 - the checkpoint: architecture (`model`), classes, seed, and every other setting, so the
   resumed run is the same run;
 - the user: the keys in USER_OVERRIDABLE (run length, logging/eval/checkpoint cadence,
-  loader workers, where the dataset lives), each change noted in the log.
+  plots and TensorBoard, loader workers, where the dataset lives), each change noted in the log.
 Other differences are listed in one warning and ignored.
 """
 
@@ -41,6 +41,11 @@ USER_OVERRIDABLE = (
     "training.log_every",
     "training.progress",
     "training.export_hf",
+    # What a run draws and logs for people to look at changes nothing it computes.
+    "training.plots",
+    "training.vis_images",
+    "training.vis_score_threshold",
+    "training.tensorboard",
     "training.checkpoint.keep_last",
     "training.checkpoint.every_n_steps",
     "data.num_workers",

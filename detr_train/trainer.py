@@ -9,6 +9,7 @@ is a callback (`detr_train.callbacks`).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 import sys
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detr_train import distributed
 from detr_train import callbacks as cb
-from detr_train.checkpoint import KEY_CLASS_NAMES, KEY_CONFIG_YAML, KEY_FORMAT_VERSION, FORMAT_VERSION
+from detr_train.checkpoint import FORMAT_VERSION, KEY_CLASS_NAMES, KEY_CONFIG_YAML, KEY_FORMAT_VERSION, KEY_MODEL_CONFIG
 from detr_train.checkpoint import (STATE_EMA, STATE_GRAD_SCALER, STATE_MODEL, STATE_OPTIMIZER, STATE_RNG,
                                    STATE_TRAIN, load_checkpoint)
 from detr_train.checkpointer import Checkpointer, Found
@@ -75,7 +76,7 @@ def epochs_to_train(cfg: Config) -> int:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, dist: DistContext = SINGLE_PROCESS,
-                 callbacks: list[cb.Callback] = ()):
+                 callbacks: list[cb.Callback] = (), architecture: dict | None = None):
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist
         train_cfg = cfg.training
         self.resize_schedule = validate_resize_schedule(OmegaConf.to_container(train_cfg.resize_schedule)
@@ -87,7 +88,7 @@ class Trainer:
         # Rank 0 generates/converts the dataset and fills the weight cache; the others reuse them.
         with distributed.main_first(dist):
             self.data = build_data(cfg.data, train_cfg, cfg.budget)
-            self.model = build_model(cfg.model, self.data.class_names).to(self.device)
+            self.model = build_model(cfg.model, self.data.class_names, architecture=architecture).to(self.device)
         self.processor = build_image_processor(cfg.data.eval_size, cfg.data.max_size_ratio)
         self.fast_paths = apply_fast_paths(self.model, cfg.model, train_cfg, self.device)
         ema_cfg = train_cfg.ema
@@ -142,7 +143,7 @@ class Trainer:
         states = {STATE_MODEL: StrictWeights(self.model), STATE_OPTIMIZER: self.optimizer,
                   STATE_GRAD_SCALER: self.precision.scaler, STATE_TRAIN: self.state, STATE_RNG: RngState()}
         metadata = {KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_CONFIG_YAML: OmegaConf.to_yaml(self.cfg, resolve=True),
-                    KEY_CLASS_NAMES: list(self.data.class_names)}
+                    KEY_CLASS_NAMES: list(self.data.class_names), KEY_MODEL_CONFIG: self.model.config.to_json_string()}
         checkpointer = Checkpointer(self.run_dir, states, metadata, self.dist,
                                     keep_last=self.cfg.training.checkpoint.keep_last)
         if self.ema is not None:
@@ -163,6 +164,11 @@ class Trainer:
             callbacks.append(cb.CheckReplicas(train_cfg.ddp.check_replicas_every, self.dist))
         if train_cfg.export_hf:
             callbacks.append(cb.ExportHF())
+        # Imported here: matplotlib is needed only once a run is built.
+        from detr_train.visual_callbacks import visual_callbacks
+
+        # After the checkpoint is saved: drawing a picture can never cost one.
+        callbacks += visual_callbacks(train_cfg)
         return callbacks + [cb.StopOnSignal(self.dist)]  # last: it hands the signal on after the others
 
     # --- resume and the loop
@@ -242,12 +248,22 @@ class Trainer:
         return f"after epoch {state.epoch}"
 
 
+def trainer_for(plan: Plan, dist: DistContext = SINGLE_PROCESS, callbacks: list[cb.Callback] = ()) -> Trainer:
+    """A Trainer for the plan: a new run, or the planned checkpoint restored (its model rebuilt
+    from the architecture the checkpoint recorded, so pretrained weights are not fetched again)."""
+    if plan.resume_from is None:
+        return Trainer(plan.cfg, plan.run_dir, dist, callbacks)
+    saved_model = plan.resume_from.payload.get(KEY_MODEL_CONFIG)
+    trainer = Trainer(plan.cfg, plan.run_dir, dist, callbacks,
+                      architecture=None if saved_model is None else json.loads(saved_model))
+    trainer.restore(plan.resume_from)
+    return trainer
+
+
 def run(plan: Plan, dist: DistContext = SINGLE_PROCESS, callbacks: list[cb.Callback] = ()) -> float:
     """Train as planned, writing into the plan's run dir (rank 0 only); returns the best validation mAP."""
-    trainer = Trainer(plan.cfg, plan.run_dir, dist, callbacks)
-    if plan.resume_from is not None:
-        trainer.restore(plan.resume_from)
-        # Only a resume that loaded adds anything to the run directory.
-        if dist.is_main:
-            save_resumed_config(plan.run_dir, plan.cfg)
+    trainer = trainer_for(plan, dist, callbacks)
+    # Only a resume that loaded adds anything to the run directory.
+    if plan.resume_from is not None and dist.is_main:
+        save_resumed_config(plan.run_dir, plan.cfg)
     return trainer.fit()

@@ -169,7 +169,8 @@ def test_rank_zero_alone_writes_one_run_directory(two_process_run):
     work, _, _ = two_process_run
     assert sorted(p.name for p in work.iterdir()) == ["outputs"]
     (run_dir,) = (work / "outputs" / "ddp").iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "plots",
+                                                         "train.log", "training_curves.png"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
@@ -188,6 +189,23 @@ def test_the_sharded_evaluation_matches_one_process_evaluating_the_same_weights(
     # Other batch compositions change the float sums in the last bits only.
     assert metrics["map"] == pytest.approx(records[-1]["map"], abs=1e-4)
     assert metrics["map_50"] == pytest.approx(records[-1]["map_50"], abs=1e-4)
+
+
+def test_eval_under_torchrun_scores_the_shards_together_as_training_did(two_process_run, tmp_path):
+    work, _, _ = two_process_run
+    (run_dir,) = (work / "outputs" / "ddp").iterdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    output = tmp_path / "scores"
+    result = subprocess.run([*torchrun, "-m", "detr_train.eval_cli", str(run_dir), "--output", str(output)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    report = json.loads((output / "metrics.json").read_text())
+    # The same two shards in the same batches as training's evaluation: the same numbers.
+    assert report["metrics"]["map"] == pytest.approx(records[-1]["map"], abs=1e-6)
+    assert report["images"] == 16  # every validation image once, from both shards
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path):

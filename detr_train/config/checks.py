@@ -20,6 +20,8 @@ from detr_train.errors import ConfigError
 WHOLE_LOSS_KEYS = ("class_cost", "bbox_cost", "giou_cost", "bbox_loss_coefficient", "giou_loss_coefficient")
 ATTENTION_KERNELS = ("auto", "triton", "pytorch")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+TENSORBOARD_MISSING = ("training.tensorboard=true needs the tensorboard package, which is not installed: "
+                       "pip install 'detr-train[tensorboard]' (or set training.tensorboard=false)")
 
 
 def _positive(value) -> bool:
@@ -60,6 +62,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.ema.warmup_steps": (_non_negative, ">= 0"),
     "training.early_stop.patience": (_non_negative, ">= 0 (0 disables early stopping)"),
     "training.early_stop.min_delta": (_non_negative, ">= 0"),
+    "training.vis_images": (_non_negative, ">= 0 (0 draws none)"),
+    "training.vis_score_threshold": (_probability, "in [0, 1]"),
     "model.d_model": (_positive, ">= 1"),
     "model.encoder_layers": (_positive, ">= 1"),
     # transformers ties the per-layer bbox heads and fails at init with one decoder layer.
@@ -100,8 +104,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
                           f"got {cfg.model.attention_kernel!r}")
     _check_progress(cfg.training.progress)
+    _check_tensorboard(cfg.training.tensorboard)
     _check_resize_schedule(cfg.training.resize_schedule)
     _check_model(cfg.model)
+    _check_backbone(cfg.model.backbone)
     validate_augment_config(cfg.data.augment)
     _check_whole("model.loss", cfg.model.loss, WHOLE_LOSS_KEYS)
     _check_each_positive("training.schedule.step_epochs", cfg.training.schedule.step_epochs)
@@ -140,6 +146,16 @@ def _check_progress(progress: Any) -> None:
         raise ConfigError(f"training.progress must be auto, true or false, got {progress!r}")
 
 
+def _check_tensorboard(enabled: bool) -> None:
+    if not enabled:
+        return
+    # Imported only when asked for: it loads torch, which a config mistake should not wait for.
+    from detr_train.tensorboard import tensorboard_available
+
+    if not tensorboard_available():
+        raise ConfigError(TENSORBOARD_MISSING)
+
+
 def _check_each_positive(key: str, values) -> None:
     for position, value in enumerate(values or []):
         if value <= 0:
@@ -166,6 +182,25 @@ def _check_model(model: DictConfig) -> None:
             f"model.num_feature_levels={model.num_feature_levels} is smaller than the number of "
             f"model.backbone.out_features ({features})"
         )
+
+
+BACKBONE_TYPES = ("resnet", "bit", "convnext", "timm")
+
+
+def _check_backbone(backbone: DictConfig) -> None:
+    if backbone.type not in BACKBONE_TYPES:
+        raise ConfigError(f"model.backbone.type must be one of {', '.join(BACKBONE_TYPES)}, got {backbone.type!r}")
+    if backbone.type == "timm" and not (backbone.name or backbone.pretrained):
+        raise ConfigError("model.backbone.type=timm needs model.backbone.name (a timm model, e.g. resnet50)")
+    for position, feature in enumerate(backbone.out_features):
+        if not re.fullmatch(r"stage[1-9]", feature):
+            raise ConfigError(f"model.backbone.out_features[{position}] must be stage1 ... stage9, got {feature!r}")
+    if backbone.type == "bit":
+        for key in ("embedding_size", "hidden_sizes"):
+            sizes = backbone[key] if key == "hidden_sizes" else [backbone[key]]
+            if backbone.num_groups < 1 or any(size % backbone.num_groups for size in sizes):
+                raise ConfigError(f"model.backbone.{key}={list(sizes) if key == 'hidden_sizes' else sizes[0]} must be "
+                                  f"divisible by model.backbone.num_groups={backbone.num_groups} (GroupNorm)")
 
 
 def _check_resize_schedule(schedule) -> None:

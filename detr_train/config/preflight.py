@@ -30,7 +30,14 @@ def preflight(argv: list[str]) -> DictConfig | None:
     args, _ = get_args_parser().parse_known_args(argv)
     if any(getattr(args, flag, None) for flag in _NO_JOB_FLAGS):
         return None
-    overrides = _without_sweeps(args.overrides)
+    cfg = compose_checked(_without_sweeps(args.overrides))
+    _check_device_exists(cfg.training.device)
+    return cfg
+
+
+def compose_checked(overrides: list[str]) -> DictConfig:
+    """The project's config composed with Hydra-style overrides and checked (no `hydra` node);
+    a ConfigError naming the override or key at fault otherwise."""
     try:
         cfg = _compose(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
@@ -43,7 +50,6 @@ def preflight(argv: list[str]) -> DictConfig | None:
     with open_dict(cfg):
         cfg.pop("hydra", None)
     check_config(cfg)
-    _check_device_exists(cfg.training.device)
     return cfg
 
 

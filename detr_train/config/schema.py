@@ -45,6 +45,7 @@ class NonFinitePolicy(str, Enum):
 
 class BackboneNorm(str, Enum):
     frozen_bn = "frozen_bn"
+    batch_norm = "batch_norm"
     group_norm = "group_norm"
 
 
@@ -53,11 +54,20 @@ class BackboneNorm(str, Enum):
 
 @dataclass
 class BackboneConfig:
+    # resnet: transformers' ResNet, frozen BatchNorm (for pretrained weights); bit: BiT, GroupNorm,
+    # trains from scratch and exports exactly; timm: a timm model by `name`.
+    type: str = "resnet"
+    name: Optional[str] = None  # timm: the model, e.g. resnet50
+    # ImageNet weights from timm: a timm model with its pretrained tag (resnet50.a1_in1k, implies
+    # type timm), or a local weights file for `name`.
+    pretrained: Optional[str] = None
     embedding_size: int = MISSING
     hidden_sizes: List[int] = MISSING
     depths: List[int] = MISSING
     layer_type: str = MISSING
-    norm: BackboneNorm = MISSING
+    # resnet only. group_norm: the first release's from-scratch swap (trains, does not export).
+    norm: BackboneNorm = BackboneNorm.frozen_bn
+    num_groups: int = 8  # bit: GroupNorm groups
     train_stem: bool = MISSING
     out_features: List[str] = MISSING
 
@@ -210,6 +220,15 @@ class TrainingConfig:
     # auto: progress bars only on a terminal.
     progress: Union[bool, str] = MISSING
     export_hf: bool = MISSING
+    # Pictures in the run dir (detr_train/visual_callbacks.py): training_curves.png every epoch,
+    # plots/per_class_ap.png and plots/pr_curves.png at each evaluation.
+    plots: bool = True
+    # Predictions | ground truth on the first N validation images at each evaluation (vis/); 0: none.
+    vis_images: int = 0
+    vis_score_threshold: float = 0.3  # predicted boxes below this score are not drawn
+    # metrics.jsonl's numbers and the pictures as TensorBoard events (<run dir>/tensorboard); needs
+    # the optional tensorboard package.
+    tensorboard: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)

@@ -15,7 +15,7 @@ from detr_train.data.augment import Augmenter
 from detr_train.data.coco import CocoDetectionDataset
 from detr_train.data.collate import DetrCollator
 from detr_train.data.sampling import EpochBatchSampler, select_training_images
-from detr_train.data.sources import DatasetError, prepare_dataset
+from detr_train.data.sources import DatasetError, SplitPaths, prepare_dataset
 from detr_train.launch_env import DistContext
 from detr_train.signals import ignore_stop_signals
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataBundle:
-    train: CocoDetectionDataset
+    train: CocoDetectionDataset | None  # None when only evaluation data was asked for
     val: CocoDetectionDataset
     val_ann: Path
     class_names: list[str]
@@ -54,18 +54,34 @@ def build_data(data_cfg: DataConfig, train_cfg: TrainingConfig, budget: BudgetCo
         val = full_train.subset(train_ids)
         val_ann = paths.train_ann
     else:
-        full_val = CocoDetectionDataset(paths.val_images, paths.val_ann, default_size=data_cfg.eval_size)
-        if full_val.categories.category_ids != full_train.categories.category_ids:
+        val = _validation_images(paths, data_cfg, train_cfg, budget)
+        if val.categories.category_ids != full_train.categories.category_ids:
             raise DatasetError(
                 f"{paths.val_ann} and {paths.train_ann} define different categories "
-                f"({full_val.categories.category_ids} vs {full_train.categories.category_ids})"
+                f"({val.categories.category_ids} vs {full_train.categories.category_ids})"
             )
-        limit = capped(train_cfg.val_subset_size, budget.max_val_images)
-        val = full_val if limit is None else full_val.subset(full_val.image_ids[:limit])
         val_ann = paths.val_ann
     log.info("Data: %d training images, %d evaluation images, %d classes",
              len(train), len(val), len(full_train.categories))
     return DataBundle(train, val, val_ann, list(full_train.categories.names))
+
+
+def _validation_images(paths: SplitPaths, data_cfg: DataConfig, train_cfg: TrainingConfig,
+                       budget: BudgetConfig) -> CocoDetectionDataset:
+    full_val = CocoDetectionDataset(paths.val_images, paths.val_ann, default_size=data_cfg.eval_size)
+    limit = capped(train_cfg.val_subset_size, budget.max_val_images)
+    return full_val if limit is None else full_val.subset(full_val.image_ids[:limit])
+
+
+def build_evaluation_data(data_cfg: DataConfig, train_cfg: TrainingConfig, budget: BudgetConfig) -> DataBundle:
+    """The images a run with this config scores, the same ones training evaluates on (the
+    training images themselves in overfit mode). `train` is None unless overfit needs it."""
+    if train_cfg.overfit:
+        return build_data(data_cfg, train_cfg, budget)
+    paths = prepare_dataset(data_cfg)
+    val = _validation_images(paths, data_cfg, train_cfg, budget)
+    log.info("Data: %d evaluation images, %d classes", len(val), len(val.categories))
+    return DataBundle(None, val, paths.val_ann, list(val.categories.names))
 
 
 def build_augmenter(data_cfg: DataConfig) -> Augmenter | None:
