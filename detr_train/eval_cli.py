@@ -90,7 +90,7 @@ def _evaluate(args: argparse.Namespace, ctx) -> None:
     from detr_train.fast_paths import apply_fast_paths
     from detr_train.inference import load_for_inference, locate_model
     from detr_train.precision import resolve_precision
-    from detr_train.trainer import resolve_device, show_progress
+    from detr_train.runtime import resolve_device, show_progress
 
     output = args.output or default_output(locate_model(args.model)[1])
     if ctx.is_main and output.exists() and not args.overwrite:

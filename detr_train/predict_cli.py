@@ -154,7 +154,7 @@ def predict_images(args: argparse.Namespace) -> None:
     from detr_train.engine import predict
     from detr_train.fast_paths import apply_fast_paths
     from detr_train.inference import load_for_inference
-    from detr_train.trainer import resolve_device, show_progress
+    from detr_train.runtime import resolve_device, show_progress
 
     _check_arguments(args)
     inputs, overrides = split_overrides(args.inputs)

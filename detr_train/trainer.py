@@ -11,12 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import random
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,7 +28,6 @@ from detr_train.data.build import build_data, capped, evaluation_sampler, make_l
 from detr_train.data.collate import DetrCollator
 from detr_train.ema import ModelEMA
 from detr_train.engine import EpochPlan, Evaluator, NonFinitePolicy, TrainStep, train_one_epoch
-from detr_train.errors import ConfigError
 from detr_train.evaluation import load_coco_ground_truth
 from detr_train.fast_paths import apply_fast_paths
 from detr_train.launch_env import SINGLE_PROCESS, DistContext
@@ -42,31 +38,12 @@ from detr_train.plan import Plan
 from detr_train.precision import resolve_precision
 from detr_train.resize import size_for_epoch, validate_resize_schedule
 from detr_train.rundir import save_resumed_config
+from detr_train.runtime import resolve_device, seed_everything, show_progress
 from detr_train.state import RngState, StepLayout, StrictWeights, TrainState
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training.device={name!r} but CUDA is not available on this machine",
-                          hint="use training.device=auto or cpu")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def show_progress(setting: bool | str) -> bool:
-    return sys.stderr.isatty() if setting == "auto" else bool(setting)
 
 
 def epochs_to_train(cfg: Config) -> int:

@@ -60,6 +60,7 @@ CONFIG_MISTAKES = [
     (["data.augment.hflip_prob=1.5"], "data.augment.hflip_prob"),
     (["data/augment=detr", "data.augment.scales=[0,800]"], "data.augment.scales"),
     (["data/augment=detr", "data.augment.crop.min_side=700"], "data.augment.crop"),
+    (["data.augment=detr"], "data.augment=detr"),  # a group chosen with a dot: the hint says slash
     (["data=coco"], "data.root is required here"),
     (["data=nope"], "Could not find 'data/nope'"),
     (["data=coco", "data.root=/x", "data.generate.num_train=5"], "data.generate.num_train=5"),
@@ -172,3 +173,11 @@ def test_an_error_during_the_run_is_noted_in_train_log(small_run_overrides, tmp_
     (run_dir,) = (tmp_path / "outputs" / "noted").iterdir()
     assert "detr-train: error: training.subset_size=100000" in (run_dir / "train.log").read_text()
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_a_group_chosen_with_a_dot_is_told_to_use_a_slash(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["detr-train", "data.augment=detr"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert "hint: data.augment is a config group: choose a preset with data/augment=<name>" in capsys.readouterr().err

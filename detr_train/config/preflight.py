@@ -106,7 +106,14 @@ def _join_options(lines: list[str]) -> list[str]:
     return out
 
 
+# Config groups nested in a node: chosen with a slash (data/augment=detr), not a dot.
+_NESTED_GROUPS = ("data.augment",)
+
+
 def _hint(exc: BaseException) -> str | None:
+    for group in _NESTED_GROUPS:
+        if f"override {group}=" in str(exc):
+            return f"{group} is a config group: choose a preset with {group.replace('.', '/')}=<name>"
     if "Could not override" in str(exc) or "not in struct" in str(exc.__cause__ or ""):
         return "list the keys and their values with `detr-train --cfg job`"
     return None
