@@ -55,15 +55,20 @@ def _step_for(model, *model_overrides: str) -> TrainStep:
                      nonfinite=NonFinitePolicy(), device=torch.device("cpu"), criterion=paths.criterion)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("model_overrides", [
     (),
     ("model.with_box_refine=true", "model.two_stage=true"),
 ], ids=["plain", "two-stage"])
-def test_two_micro_batches_step_like_one_batch_twice_as_large(model_overrides):
+def test_two_micro_batches_step_like_one_batch_twice_as_large(model_overrides, dtype):
     generator = torch.Generator().manual_seed(0)
     micro = [_batch(2, generator), _batch(2, generator)]
     torch.manual_seed(0)
-    model = build_model(compose_config(list(model_overrides)).model, CLASSES)
+    model = build_model(compose_config(list(model_overrides)).model, CLASSES).to(dtype)
+    for batch in micro:
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        for label in batch["labels"]:
+            label["boxes"] = label["boxes"].to(dtype)
     big_model = copy.deepcopy(model)
     accumulated = _step_for(model, *model_overrides)
     one_batch = _step_for(big_model, *model_overrides)
@@ -78,9 +83,13 @@ def test_two_micro_batches_step_like_one_batch_twice_as_large(model_overrides):
         assert "loss_ce_enc" in losses_k1  # the two-stage encoder loss is part of the step
     names = [name for name, _ in model.named_parameters()]
     for name, g_k2, g_k1 in zip(names, accumulated.optimizer.gradients, one_batch.optimizer.gradients):
-        # fp32 sums taken in another order: the first convolution adds up ~16k products per
-        # weight, which moves its gradient by ~2e-6 relative.
-        assert torch.allclose(g_k2, g_k1, rtol=1e-5, atol=1e-6), name
+        # In float64 this checks the arithmetic. In float32 the sums taken in another order
+        # round differently: the first convolution adds up ~16k products per weight, and the
+        # default BiT backbone's weight standardisation turns that into ~1e-5 relative.
+        if dtype == torch.float64:
+            assert torch.allclose(g_k2, g_k1, rtol=1e-6, atol=1e-9), name
+        else:
+            assert (g_k2 - g_k1).norm() <= 1e-4 * g_k1.norm() + 1e-6, (name, float((g_k2 - g_k1).norm() / g_k1.norm()))
     assert sum(g.abs().max() > 0 for g in one_batch.optimizer.gradients) > 0.9 * len(names)  # a real step
 
 
