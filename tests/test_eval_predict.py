@@ -186,3 +186,20 @@ def test_the_commands_are_console_scripts_beside_detr_train():
     scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts")}
     assert scripts["detr-train-eval"] == "detr_train.eval_cli:main"
     assert scripts["detr-train-predict"] == "detr_train.predict_cli:main"
+
+
+def test_a_first_release_checkpoint_loads_for_inference_with_its_own_weights(synthetic_root):
+    """Checkpoints from before the model config was recorded rebuild from their run config."""
+    import torch
+
+    from detr_train import checkpoint as ckpt
+    from detr_train.inference import load_for_inference
+
+    last = REPO_ROOT / "tests" / "data" / "legacy_format1_run" / "checkpoints" / "last.pt"
+    loaded = load_for_inference(last, [f"data.root={synthetic_root}"], torch.device("cpu"))
+    saved = ckpt.load_checkpoint(last)[ckpt.STATE_MODEL]
+    state = loaded.model.state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in loaded.model.model.backbone.modules())
+    assert loaded.class_names == ["circle", "square", "triangle"] and loaded.weights == "model"
+    assert str(loaded.cfg.data.root) == str(synthetic_root)
