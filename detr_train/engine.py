@@ -291,14 +291,13 @@ class Evaluator:
         self.label_to_category = label_to_category
         self.dist = dist
         self.progress = progress
-        self.last_scores: CocoScores | None = None  # COCOeval's arrays of the last call (main process)
-        self.last_detections: list[dict] = []  # this process's detections of the last call
+        self.last_scores: CocoScores | None = None  # COCOeval's arrays and detections of the last call (main process)
 
     def __call__(self, model: torch.nn.Module, batches: Iterable[dict]) -> dict:
         start = time.perf_counter()
-        self.last_detections = predict(model, batches, self.image_processor, self.precision, self.device,
-                                       self.label_to_category, progress=self.progress)
-        self.last_scores = gathered_scores(self.coco_gt, self.last_detections, self.image_ids, self.dist)
+        detections = predict(model, batches, self.image_processor, self.precision, self.device,
+                             self.label_to_category, progress=self.progress)
+        self.last_scores = gathered_scores(self.coco_gt, detections, self.image_ids, self.dist)
         metrics = dict(self.last_scores.metrics)
         metrics["eval_time"] = time.perf_counter() - start
         return metrics

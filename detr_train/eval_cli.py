@@ -21,7 +21,7 @@ from pathlib import Path
 
 from detr_train.atomic import atomic_write
 from detr_train.errors import DetrTrainError
-from detr_train.tool_cli import add_common_arguments, claim_output_dir, run_command
+from detr_train.tool_cli import add_common_arguments, claim_output_dir, refuse_taken_output, run_command
 
 log = logging.getLogger("detr_train.eval")
 
@@ -93,8 +93,8 @@ def _evaluate(args: argparse.Namespace, ctx) -> None:
     from detr_train.runtime import resolve_device, show_progress
 
     output = args.output or default_output(locate_model(args.model)[1])
-    if ctx.is_main and output.exists() and not args.overwrite:
-        claim_output_dir(output, overwrite=False)  # fails before any work, naming the folder
+    if ctx.is_main:
+        refuse_taken_output(output, overwrite=args.overwrite)
     device = distributed.device_for(ctx, resolve_device(args.device or "auto"))
     loaded = load_for_inference(args.model, args.overrides, device)
     cfg = loaded.cfg
@@ -111,10 +111,9 @@ def _evaluate(args: argparse.Namespace, ctx) -> None:
     evaluator = Evaluator(loaded.processor, precision, device, load_coco_ground_truth(data.val_ann),
                           data.val.image_ids, data.val.categories.category_id, dist=ctx, progress=progress)
     metrics = evaluator(loaded.model, loader)
-    shards = distributed.gather_to_main(evaluator.last_detections, ctx)
     if not ctx.is_main:
         return
-    detections = sorted((d for shard in shards for d in shard), key=lambda d: (d["image_id"], -d["score"]))
+    detections = sorted(evaluator.last_scores.detections, key=lambda d: (d["image_id"], -d["score"]))
     claim_output_dir(output, overwrite=args.overwrite)
     report = {"model": str(loaded.source), "weights": loaded.weights, "epoch": loaded.epoch,
               "annotations": str(data.val_ann), "images": len(data.val), "metrics": metrics}

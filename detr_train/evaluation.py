@@ -66,6 +66,7 @@ class CocoScores:
     precision: np.ndarray | None = None
     recall_thresholds: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)  # in the precision array's class order
+    detections: list[dict] = field(default_factory=list)  # what was scored: every rank's (main process)
 
 
 def coco_evaluate(
@@ -123,12 +124,17 @@ def gathered_coco_evaluate(coco_gt: COCO, local_detections: list[dict], image_id
 
 
 def gathered_scores(coco_gt: COCO, local_detections: list[dict], image_ids: list[int], ctx: DistContext) -> CocoScores:
-    """`gathered_coco_evaluate` with COCOeval's arrays on rank 0 (the other ranks get the metrics only)."""
+    """`gathered_coco_evaluate` with COCOeval's arrays and the gathered detections on rank 0
+    (the other ranks get the metrics only)."""
     if not ctx.enabled:
-        return score_detections(coco_gt, local_detections, image_ids)
+        scores = score_detections(coco_gt, local_detections, image_ids)
+        scores.detections = list(local_detections)
+        return scores
     shards = gather_to_main(local_detections, ctx)
     scores = None
     if ctx.is_main:
-        scores = score_detections(coco_gt, [d for shard in shards for d in shard], image_ids)
+        detections = [d for shard in shards for d in shard]
+        scores = score_detections(coco_gt, detections, image_ids)
+        scores.detections = detections
     metrics = broadcast_from_main(None if scores is None else scores.metrics, ctx)
     return scores if ctx.is_main else CocoScores(metrics)

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from detr_train.atomic import atomic_write
 from detr_train.errors import DetrTrainError
-from detr_train.tool_cli import add_common_arguments, claim_output_dir, next_free_dir, run_command, split_overrides
+from detr_train.tool_cli import (add_common_arguments, claim_output_dir, next_free_dir, refuse_taken_output,
+                                 run_command, split_overrides)
 
 log = logging.getLogger("detr_train.predict")
 
@@ -160,8 +161,7 @@ def predict_images(args: argparse.Namespace) -> None:
     inputs, overrides = split_overrides(args.inputs)
     images = find_images(inputs)
     output = args.output or next_free_dir(DEFAULT_OUTPUT)
-    if output.exists() and not args.overwrite:
-        claim_output_dir(output, overwrite=False)  # fails before the model loads, naming the folder
+    refuse_taken_output(output, overwrite=args.overwrite)  # before the model loads
     device = resolve_device(args.device or "auto")
     loaded = load_for_inference(args.model, overrides, device)
     apply_fast_paths(loaded.model, loaded.cfg.model, loaded.cfg.training, device)
@@ -202,13 +202,12 @@ def _with_progress(loader: DataLoader, total: int, show: bool):
 
 def _draw(batch: dict, detections: list[dict], images: list[InputImage], class_names: list[str], folder: Path,
           threshold: float) -> None:
-    from detr_train.visualize import draw_detections, save_image
+    from detr_train.visualize import coco_detections_drawable, draw_detections, save_image
 
     for image_id, image in zip(batch["image_ids"], batch["images"]):
-        own = [d for d in detections if d["image_id"] == image_id]
-        boxes = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in own)]
-        drawn = draw_detections(image, boxes, [d["category_id"] for d in own], [d["score"] for d in own],
-                                class_names, score_threshold=threshold)
+        own = coco_detections_drawable([d for d in detections if d["image_id"] == image_id])
+        drawn = draw_detections(image, own["boxes"], own["labels"], own["scores"], class_names,
+                                score_threshold=threshold)
         target = folder / images[image_id].name
         suffix = target.suffix.lower()
         save_image(drawn, target if suffix in (".jpg", ".jpeg", ".png") else target.with_suffix(".png"))

@@ -40,13 +40,18 @@ def split_overrides(values: list[str]) -> tuple[list[str], list[str]]:
     return [value for value in values if value not in overrides], overrides
 
 
+def refuse_taken_output(path: Path, *, overwrite: bool, option: str = "--output") -> None:
+    """Stop, before any work, when `path` exists and replacing it was not asked for."""
+    if Path(path).exists() and not overwrite:
+        raise OutputExistsError(f"output folder {path} already exists",
+                                hint=f"choose another with {option}, or pass --overwrite to replace it")
+
+
 def claim_output_dir(path: Path, *, overwrite: bool, option: str = "--output") -> Path:
     """`path`, empty and ready; an existing one only with `overwrite` (its contents are then replaced)."""
     path = Path(path)
+    refuse_taken_output(path, overwrite=overwrite, option=option)
     if path.exists():
-        if not overwrite:
-            raise OutputExistsError(f"output folder {path} already exists",
-                                    hint=f"choose another with {option}, or pass --overwrite to replace it")
         if not path.is_dir():
             raise OutputExistsError(f"output path {path} exists and is not a folder")
         shutil.rmtree(path)

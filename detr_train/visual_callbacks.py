@@ -38,8 +38,6 @@ from detr_train.atomic import remove_temp_files
 from detr_train.callbacks import Callback, EpochResult
 from detr_train.config.checks import TENSORBOARD_MISSING
 from detr_train.data.coco import SampleRequest
-from detr_train.data.collate import DetrCollator
-from detr_train.engine import predict
 from detr_train.errors import ConfigError
 from detr_train.metrics_log import MetricsLog
 from detr_train.tensorboard import MissingDependencyError, TensorBoardWriter
@@ -141,8 +139,9 @@ class PredictionImages(Callback):
     """vis/epoch_NNNN/<image stem>.jpg: predictions | ground truth on the first `count`
     validation images, at each evaluation.
 
-    The weights are those the epoch's mAP scores (the EMA when there is one). Boxes scoring
-    under `score_threshold` are left out; the ground truth is drawn whole.
+    The boxes are the evaluation's own detections (of the weights its mAP scores, the EMA
+    when there is one): no second forward pass. Boxes scoring under `score_threshold` are
+    left out; the ground truth is drawn whole.
     """
 
     def __init__(self, count: int, score_threshold: float):
@@ -180,49 +179,37 @@ class PredictionImages(Callback):
             started = time.perf_counter()
             if self._dataset is None:
                 self._choose(trainer)
-            images = self._draw(trainer)
+            images = self._draw(trainer, result.scores.detections)
             folder = trainer.run_dir / VIS_FOLDER / _epoch_folder(result.epoch)
             for name, image in zip(self._names, images):
                 visualize.save_image(image, folder / f"{name}.jpg")
             self.epoch, self.images = result.epoch, images
             log.debug("%d prediction images drawn in %.2fs", len(images), time.perf_counter() - started)
 
-    def _draw(self, trainer: Trainer) -> list[torch.Tensor]:
-        cfg = trainer.cfg
+    def _draw(self, trainer: Trainer, detections: list[dict]) -> list[torch.Tensor]:
+        """The evaluation's own detections of these images (gathered from every rank), drawn."""
         dataset = self._dataset
-        # Each image at the evaluation size, unaugmented, exactly as the Evaluator sees it.
-        samples = [dataset[SampleRequest(index, cfg.data.eval_size, 0)] for index in range(len(dataset))]
-        collate = DetrCollator(trainer.processor, cfg.data.max_size_ratio)
-        batch_size = cfg.training.batch_size
-        batches = [collate(samples[start:start + batch_size]) for start in range(0, len(samples), batch_size)]
-        model = trainer.model if trainer.ema is None else trainer.ema.module
-        # An identity label map: the detections' category_id is the model's class index.
-        detections = predict(model, batches, trainer.processor, trainer.precision, trainer.device, int)
+        # Each image unaugmented, as the Evaluator read it; the boxes are in its pixels.
+        samples = [dataset[SampleRequest(index, trainer.cfg.data.eval_size, 0)] for index in range(len(dataset))]
+        wanted = {sample["target"]["image_id"] for sample in samples}
+        categories = dataset.categories
         per_image: dict[int, list[dict]] = {}
         for detection in detections:
-            per_image.setdefault(detection["image_id"], []).append(detection)
-        class_names = trainer.data.class_names
+            if detection["image_id"] in wanted:  # category ids back to the model's class indices
+                per_image.setdefault(detection["image_id"], []).append(
+                    {**detection, "category_id": categories.label(detection["category_id"])})
         return [
             visualize.compare_with_ground_truth(
-                sample["image"], _predicted(per_image.get(sample["target"]["image_id"], [])),
-                _ground_truth(sample["target"]["annotations"]), class_names, score_threshold=self.score_threshold,
+                sample["image"], visualize.coco_detections_drawable(per_image.get(sample["target"]["image_id"], [])),
+                _ground_truth(sample["target"]["annotations"]), trainer.data.class_names,
+                score_threshold=self.score_threshold,
             )
             for sample in samples
         ]
 
 
-def _xywh_to_xyxy(boxes: list[list[float]]) -> torch.Tensor:
-    xywh = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-
-
-def _predicted(detections: list[dict]) -> dict[str, Any]:
-    return {"boxes": _xywh_to_xyxy([d["bbox"] for d in detections]),
-            "labels": [d["category_id"] for d in detections], "scores": [d["score"] for d in detections]}
-
-
 def _ground_truth(annotations: list[dict]) -> dict[str, Any]:
-    return {"boxes": _xywh_to_xyxy([a["bbox"] for a in annotations]),
+    return {"boxes": visualize.xywh_to_xyxy([a["bbox"] for a in annotations]),
             "labels": [a["category_id"] for a in annotations]}
 
 

@@ -459,6 +459,19 @@ def _label_text(label: int, score: float | None, class_names: Sequence[str]) -> 
     return name if score is None else f"{name} {score:.2f}"
 
 
+def xywh_to_xyxy(boxes: Sequence[Sequence[float]]) -> torch.Tensor:
+    """COCO boxes [x, y, w, h] as an (N, 4) tensor of corners [x0, y0, x1, y1]."""
+    xywh = torch.tensor([list(box) for box in boxes], dtype=torch.float32).reshape(-1, 4)
+    return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+
+
+def coco_detections_drawable(detections: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """COCO-style detections whose category_id is the model's class index, as `draw_detections`
+    (and `compare_with_ground_truth`'s `predicted`) take them."""
+    return {"boxes": xywh_to_xyxy([d["bbox"] for d in detections]), "labels": [d["category_id"] for d in detections],
+            "scores": [d["score"] for d in detections]}
+
+
 def draw_detections(image: torch.Tensor | Image.Image, boxes_xyxy: Any, labels: Any, scores: Any | None,
                     class_names: Sequence[str], *, score_threshold: float = 0.3,
                     colors: Sequence[Color] | None = None, line_width: int | None = None) -> torch.Tensor:

@@ -196,11 +196,12 @@ def _check_backbone(backbone: DictConfig) -> None:
         if not re.fullmatch(r"stage[1-9]", feature):
             raise ConfigError(f"model.backbone.out_features[{position}] must be stage1 ... stage9, got {feature!r}")
     if backbone.type == "bit":
-        for key in ("embedding_size", "hidden_sizes"):
-            sizes = backbone[key] if key == "hidden_sizes" else [backbone[key]]
-            if backbone.num_groups < 1 or any(size % backbone.num_groups for size in sizes):
-                raise ConfigError(f"model.backbone.{key}={list(sizes) if key == 'hidden_sizes' else sizes[0]} must be "
-                                  f"divisible by model.backbone.num_groups={backbone.num_groups} (GroupNorm)")
+        groups = backbone.num_groups
+        for key, sizes in (("embedding_size", [backbone.embedding_size]), ("hidden_sizes", list(backbone.hidden_sizes))):
+            if groups < 1 or any(size % groups for size in sizes):
+                value = sizes if key == "hidden_sizes" else sizes[0]
+                raise ConfigError(f"model.backbone.{key}={value} must be divisible by "
+                                  f"model.backbone.num_groups={groups} (GroupNorm)")
 
 
 def _check_resize_schedule(schedule) -> None:
