@@ -90,7 +90,7 @@ from detr_train.config import config_dir
 from detr_train.engine import NonFinitePolicy, TrainStep, to_device
 from detr_train.fast_paths import apply_fast_paths, set_tf32
 from detr_train.kernels import deformable_attention
-from detr_train.kernels.deformable_attention import install_attention_kernel
+from detr_train.kernels.selection import install_attention_kernel
 from detr_train.model import build_image_processor, build_model
 from detr_train.optim import LRSchedule, build_optimizer
 from detr_train.precision import resolve_precision

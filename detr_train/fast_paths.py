@@ -7,7 +7,8 @@ Always (any device; each is exactly equivalent to what it replaces):
 - encoder layers without their per-step `isfinite` host sync (`sync_free.py`).
 
 Chosen by config:
-- `model.attention_kernel`: the fused Triton deformable attention (`auto`: on CUDA);
+- `model.attention_kernel`: the fused Triton deformable attention (`auto`: on CUDA, once it
+  has passed its self-check against the PyTorch path in each dtype the run uses);
 - on CUDA: TF32 matmuls for fp32 (`training.tf32`), the fused AdamW update
   (`training.fused_optimizer`: one kernel, no per-parameter CPU step counter to read),
   channels-last backbone convolutions (`training.channels_last`) and `torch.compile` of
@@ -27,6 +28,7 @@ import torch
 
 from detr_train.config.schema import ModelConfig, TrainingConfig
 from detr_train.criterion import DeformableDetrCriterion
+from detr_train.precision import autocast_dtype
 from detr_train.sync_free import remove_encoder_isfinite_sync
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,14 @@ def set_tf32(enabled: bool) -> None:
 def apply_fast_paths(model: torch.nn.Module, model_cfg: ModelConfig, train_cfg: TrainingConfig,
                      device: torch.device) -> FastPaths:
     """Switch the model (already on `device`) to its fast paths; returns what is on."""
-    from detr_train.kernels.deformable_attention import install_attention_kernel
+    from detr_train.kernels.selection import install_attention_kernel
 
     cuda = device.type == "cuda"
-    kernel = install_attention_kernel(model, model_cfg.attention_kernel, device)
+    # The attention sees fp32 values, and under autocast also half ones: the kernel's
+    # self-check covers each dtype it will compute in.
+    half = autocast_dtype(train_cfg.amp, train_cfg.amp_dtype, device)
+    dtypes = (torch.float32,) if half is None else (torch.float32, half)
+    kernel = install_attention_kernel(model, model_cfg.attention_kernel, device, dtypes)
     criterion = install_criterion(model)
     remove_encoder_isfinite_sync(model)
     if cuda:

@@ -36,15 +36,23 @@ class Precision:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
 
-def resolve_precision(amp: bool, amp_dtype: str, device: torch.device) -> Precision:
+def autocast_dtype(amp: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on `device`, or None for full fp32 (no warnings: see
+    `resolve_precision`)."""
     if amp_dtype not in _DTYPES:
         raise ValueError(f"training.amp_dtype must be one of {sorted(_DTYPES)}, got {amp_dtype!r}")
-    dtype = _DTYPES[amp_dtype] if amp else None
+    if not amp or device.type != "cuda":
+        return None
+    if _DTYPES[amp_dtype] is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return _DTYPES[amp_dtype]
+
+
+def resolve_precision(amp: bool, amp_dtype: str, device: torch.device) -> Precision:
+    dtype = autocast_dtype(amp, amp_dtype, device)
     if amp and device.type != "cuda":
         log.warning("training.amp=true needs CUDA; running in fp32 on %s", device)
-        dtype = None
-    if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    elif amp and dtype is not _DTYPES[amp_dtype]:
         log.warning("This GPU does not support bfloat16; using float16 with a GradScaler instead")
-        dtype = torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     return Precision(device_type=device.type, dtype=dtype, scaler=scaler)

@@ -38,10 +38,10 @@ from transformers.models.deformable_detr.modeling_deformable_detr import MultiSc
 
 from detr_train.kernels.deformable_attention import (
     TritonMultiScaleDeformableAttention,
-    install_attention_kernel,
     ms_deform_attn,
     triton_unavailable_reason,
 )
+from detr_train.kernels.selection import install_attention_kernel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LEVEL_SHAPES = [(6, 7), (3, 4), (1, 2)]
@@ -94,7 +94,7 @@ def _reference(value, sampling_locations, attention_weights) -> torch.Tensor:
 
 def _triton(value, sampling_locations, attention_weights) -> torch.Tensor:
     spatial_shapes, level_start_index = _level_tensors(LEVEL_SHAPES)
-    return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ms_deform_attn(value, spatial_shapes, LEVEL_SHAPES, level_start_index, sampling_locations, attention_weights)
 
 
 def _output_and_grads(attention, inputs: dict, upstream: torch.Tensor) -> list[torch.Tensor]:
@@ -251,7 +251,7 @@ def test_install_is_idempotent_and_reversible(caplog):
     model, _ = _tiny_detector_and_batch()
     install_attention_kernel(model, "triton", DEVICE)
     installed = [m.attn for m in _attention_modules(model)]
-    with caplog.at_level(logging.INFO, logger="detr_train.kernels.deformable_attention"):
+    with caplog.at_level(logging.INFO, logger="detr_train.kernels.selection"):
         assert install_attention_kernel(model, "triton", DEVICE) == "triton"
     assert [m.attn for m in _attention_modules(model)] == installed  # nothing rebuilt
     assert len(caplog.records) == 1 and "triton" in caplog.records[0].getMessage()

@@ -34,7 +34,7 @@ whole head dimension: rows of the output are contiguous, and each neighbour
 fetch reads value[b, pixel, h, :], D contiguous elements, so loads along D are
 coalesced. Levels and points are loops inside the kernel.
 
-Triton is optional: without it (or without CUDA) `install_attention_kernel`
+Triton is optional: without it (or without CUDA) `selection.install_attention_kernel`
 keeps transformers' PyTorch implementation.
 """
 
@@ -49,7 +49,6 @@ from types import SimpleNamespace
 import torch
 from torch.autograd.function import once_differentiable
 
-from detr_train.errors import ConfigError
 
 # Imported on first use (`_import_triton`), never at import time: importing this
 # module must work without Triton, and must not fix Triton's interpreter mode
@@ -59,8 +58,6 @@ tl = None
 
 log = logging.getLogger(__name__)
 
-KERNEL_CHOICES = ("auto", "triton", "pytorch")
-_ATTENTION_CLASS = "DeformableDetrMultiscaleDeformableAttention"
 
 # Tile of BLOCK_ROWS x BLOCK_D elements per kernel program: 32 rows at D=32. With
 # 4 warps this compiles for sm_90 (bf16, D=32) to 16-byte loads along D, vector
@@ -319,23 +316,72 @@ def _on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _check_shapes(
-    value: torch.Tensor, spatial_shapes: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor
+def _describe(name: str, tensor: torch.Tensor) -> str:
+    return f"{name} {tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')} on {tensor.device}"
+
+
+def check_inputs(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    spatial_shapes_list: list[tuple[int, int]],
+    level_start_index: torch.Tensor,
+    locations: torch.Tensor,
+    weights: torch.Tensor,
 ) -> None:
+    """Raise ValueError unless the kernel can read these tensors safely.
+
+    The kernel reads whatever addresses the shapes imply, so every relation between
+    the tensors is checked here, on the host, from the shapes list and the tensors'
+    metadata only: reading a device tensor's values would be a host sync.
+    """
     if value.dim() != 4:
-        raise ValueError(f"value must be (batch, keys, heads, head_dim), got shape {tuple(value.shape)}")
-    batch, _, heads, _ = value.shape
-    if locations.dim() != 6 or locations.shape[-1] != 2 or locations.shape[0] != batch or locations.shape[2] != heads:
+        raise ValueError(f"value must be (batch, keys, heads, head_dim), got {_describe('value', value)}")
+    batch, num_keys, heads, _ = value.shape
+    levels = len(spatial_shapes_list)
+    expected_keys = sum(int(height) * int(width) for height, width in spatial_shapes_list)
+    if num_keys != expected_keys:
         raise ValueError(
-            f"sampling_locations must be (batch={batch}, queries, heads={heads}, levels, points, 2), "
-            f"got shape {tuple(locations.shape)}"
+            f"value has {num_keys} keys but the levels {list(spatial_shapes_list)} hold {expected_keys} "
+            f"(sum of H*W): {_describe('value', value)}"
+        )
+    if tuple(spatial_shapes.shape) != (levels, 2):
+        raise ValueError(
+            f"spatial_shapes must be ({levels} levels, 2) like spatial_shapes_list {list(spatial_shapes_list)}, "
+            f"got {_describe('spatial_shapes', spatial_shapes)}"
+        )
+    if tuple(level_start_index.shape) != (levels,):
+        raise ValueError(
+            f"level_start_index must have one start per level ({levels},), "
+            f"got {_describe('level_start_index', level_start_index)}"
+        )
+    if (locations.dim() != 6 or locations.shape[-1] != 2 or locations.shape[0] != batch
+            or locations.shape[2] != heads or locations.shape[3] != levels):
+        raise ValueError(
+            f"sampling_locations must be (batch={batch}, queries, heads={heads}, levels={levels}, points, 2) "
+            f"for {_describe('value', value)}, got {_describe('sampling_locations', locations)}"
         )
     if weights.shape != locations.shape[:-1]:
-        raise ValueError(f"attention_weights must have shape {tuple(locations.shape[:-1])}, got {tuple(weights.shape)}")
-    if spatial_shapes.shape != (locations.shape[3], 2):
         raise ValueError(
-            f"spatial_shapes must be (levels={locations.shape[3]}, 2), got shape {tuple(spatial_shapes.shape)}"
+            f"attention_weights must match sampling_locations in batch, queries, heads, levels and points: "
+            f"{_describe('attention_weights', weights)} vs {_describe('sampling_locations', locations)}"
         )
+    for name, tensor in (("sampling_locations", locations), ("attention_weights", weights)):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {_describe(name, tensor)}")
+    if not value.is_floating_point():
+        raise ValueError(f"value must be floating point, got {_describe('value', value)}")
+    for name, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {_describe(name, tensor)}")
+    for name, tensor in (
+        ("spatial_shapes", spatial_shapes),
+        ("level_start_index", level_start_index),
+        ("sampling_locations", locations),
+        ("attention_weights", weights),
+    ):
+        # A copy across devices here would be a blocking transfer on every call.
+        if tensor.device != value.device:
+            raise ValueError(f"{_describe(name, tensor)} is not on value's device: {_describe('value', value)}")
 
 
 def _problem_sizes(value: torch.Tensor, locations: torch.Tensor) -> dict:
@@ -364,11 +410,10 @@ class MultiScaleDeformableAttentionFunction(torch.autograd.Function):
         sampling_locations: torch.Tensor,
         attention_weights: torch.Tensor,
     ) -> torch.Tensor:
-        _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
         # The kernels index with flat offsets, so every tensor must be dense row-major.
         value = value.contiguous()
-        spatial_shapes = spatial_shapes.to(device=value.device, dtype=torch.int64).contiguous()
-        level_start_index = level_start_index.to(device=value.device, dtype=torch.int64).contiguous()
+        spatial_shapes = spatial_shapes.to(dtype=torch.int64).contiguous()
+        level_start_index = level_start_index.to(dtype=torch.int64).contiguous()
         sampling_locations = sampling_locations.contiguous()
         attention_weights = attention_weights.contiguous()
 
@@ -428,16 +473,20 @@ class MultiScaleDeformableAttentionFunction(torch.autograd.Function):
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
+    spatial_shapes_list: list[tuple[int, int]],
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Multi-scale deformable attention with the Triton kernels.
 
-    value (B, S, H, D); spatial_shapes (L, 2) of (height, width); level_start_index (L,);
-    sampling_locations (B, Q, H, L, P, 2) normalised (x, y); attention_weights (B, Q, H, L, P).
-    Returns (B, Q, H * D) in value's dtype.
+    value (B, S, H, D); spatial_shapes (L, 2) of (height, width) and spatial_shapes_list,
+    the same on the host; level_start_index (L,); sampling_locations (B, Q, H, L, P, 2)
+    normalised (x, y); attention_weights (B, Q, H, L, P). The arguments come in the order of
+    transformers' `MultiScaleDeformableAttention`. Returns (B, Q, H * D) in value's dtype.
+    Inconsistent shapes raise ValueError before anything is launched (`check_inputs`).
     """
+    check_inputs(value, spatial_shapes, spatial_shapes_list, level_start_index, sampling_locations, attention_weights)
     return MultiScaleDeformableAttentionFunction.apply(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
@@ -457,10 +506,12 @@ class TritonMultiScaleDeformableAttention(torch.nn.Module):
         attention_weights: torch.Tensor,
         im2col_step: int,
     ) -> torch.Tensor:
-        # The shapes list and im2col_step serve the PyTorch / CUDA-extension paths only:
-        # the kernel reads the shapes from the tensor, without a host sync.
-        del value_spatial_shapes_list, im2col_step
-        return ms_deform_attn(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        # The kernel reads the shapes from the tensor; the host list only checks them.
+        del im2col_step
+        return ms_deform_attn(
+            value, value_spatial_shapes, value_spatial_shapes_list, level_start_index, sampling_locations,
+            attention_weights,
+        )
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -478,51 +529,3 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if not torch.cuda.is_available():
         return "CUDA is not available to PyTorch"
     return None
-
-
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [module for module in model.modules() if type(module).__name__ == _ATTENTION_CLASS]
-
-
-def _resolve_kind(kind: str, device: torch.device) -> str:
-    if kind not in KERNEL_CHOICES:
-        raise ConfigError(f"model.attention_kernel must be one of {list(KERNEL_CHOICES)}, got {kind!r}")
-    if kind == "pytorch":
-        return kind
-    if kind == "auto":
-        # The interpreter is a test tool, far too slow to pick on its own.
-        return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "pytorch"
-    reason = triton_unavailable_reason(device)
-    if reason is not None:
-        raise ConfigError(
-            f"model.attention_kernel=triton cannot run on {device}: {reason}. "
-            f"Use model.attention_kernel=auto or pytorch."
-        )
-    return kind
-
-
-def _pytorch_attention() -> torch.nn.Module:
-    from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
-
-    return MultiScaleDeformableAttention()
-
-
-def install_attention_kernel(model: torch.nn.Module, kind: str, device: torch.device) -> str:
-    """Choose the deformable attention implementation of every attention module of `model`.
-
-    kind: "auto" (Triton on CUDA when it can run, else PyTorch), "triton" (ValueError
-    where it cannot run) or "pytorch" (transformers' implementation, restored if this
-    function installed Triton before). Idempotent; the state_dict is unchanged since
-    both implementations are parameter-free. Returns the kind used: "triton" or "pytorch".
-    """
-    device = torch.device(device)
-    chosen = _resolve_kind(kind, device)
-    modules = _attention_modules(model)
-    for module in modules:
-        is_triton = isinstance(module.attn, TritonMultiScaleDeformableAttention)
-        if chosen == "triton" and not is_triton:
-            module.attn = TritonMultiScaleDeformableAttention()
-        elif chosen == "pytorch" and is_triton:
-            module.attn = _pytorch_attention()
-    log.info("Deformable attention kernel: %s (model.attention_kernel=%s, %d modules)", chosen, kind, len(modules))
-    return chosen
