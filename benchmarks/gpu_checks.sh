@@ -7,13 +7,15 @@
 # not stop the next one; a step the deadline leaves out is listed at the end with the command
 # that runs it alone. Everything is tee'd into $OUT/gpu_checks.log.
 #
-#   bash benchmarks/gpu_checks.sh                       # all steps: tests throughput demo overhead
+#   bash benchmarks/gpu_checks.sh                       # all steps: tests kernel throughput demo overhead
 #   bash benchmarks/gpu_checks.sh demo overhead         # only these (the environment is always set up)
 #   FULL=1 bash benchmarks/gpu_checks.sh throughput     # every throughput cell (longer than one command)
 #
 # Steps:
 #   env         source .whl/device_env.sh when .whl/ exists (see shared/gpu/README.md), print versions
 #   tests       kernel, criterion and accumulation tests on the GPU (TRITON_INTERPRET unset)
+#   kernel      benchmarks/msda_kernel.py: deformable attention alone, Triton against PyTorch (fwd and
+#               fwd+bwd ms, peak MiB, max |diff|), JSON into $OUT/msda_kernel.json
 #   throughput  benchmarks/gpu_throughput.py, default cells, JSON into $OUT/gpu_throughput.json
 #   demo        the default demo with model.attention_kernel=triton, then =pytorch (training.amp=true);
 #               prints each run's per-epoch seconds (target <= 5 s) and last-epoch mAP (within 0.02)
@@ -23,7 +25,8 @@
 # (default python3), RUNS (where the demo runs write, default a fresh folder under /tmp: only
 # their metrics.jsonl files are copied into $OUT, since the device tool returns at most 8 files
 # from at most 2 folders down), FULL=1 (throughput: --full).
-# Files left in $OUT: gpu_checks.log, gpu_throughput.json, metrics_triton.jsonl, metrics_pytorch.jsonl.
+# Files left in $OUT: gpu_checks.log, msda_kernel.json, gpu_throughput.json, metrics_triton.jsonl,
+# metrics_pytorch.jsonl.
 
 set -u
 
@@ -96,6 +99,16 @@ step_tests() {
     tests/test_deformable_attention_kernel.py tests/test_criterion.py tests/test_accumulation.py
 }
 
+step_kernel() {
+  local limit args=(--json "$OUT/msda_kernel.json")
+  limit=$(step_limit 90)
+  # No new case after limit - 30 s: the one running then can finish before the timeout.
+  args+=(--time-budget $(( limit > 60 ? limit - 30 : limit / 2 )))
+  # Without a GPU the benchmark checks itself on small shapes in Triton's CPU interpreter.
+  nvidia-smi -L >/dev/null 2>&1 || args+=(--device cpu --scale 32)
+  run_step kernel "$limit" "$PY" benchmarks/msda_kernel.py "${args[@]}"
+}
+
 step_throughput() {
   local limit args=(--json "$OUT/gpu_throughput.json")
   limit=$(step_limit 330)
@@ -146,11 +159,11 @@ step_overhead() {
 }
 
 STEPS=("$@")
-(( ${#STEPS[@]} )) || STEPS=(tests throughput demo overhead)
+(( ${#STEPS[@]} )) || STEPS=(tests kernel throughput demo overhead)
 for step in "${STEPS[@]}"; do
   case $step in
-    tests|throughput|demo|overhead) ;;
-    *) echo "unknown step '$step'; steps: tests throughput demo overhead" >&2; exit 2 ;;
+    tests|kernel|throughput|demo|overhead) ;;
+    *) echo "unknown step '$step'; steps: tests kernel throughput demo overhead" >&2; exit 2 ;;
   esac
 done
 

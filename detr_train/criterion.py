@@ -468,5 +468,5 @@ def _copy_to_device(array: np.ndarray, device: torch.device) -> Tensor:
     allocator keeps the pinned block alive until the copy is done."""
     host = torch.from_numpy(array)
     if device.type != "cuda":
-        return host.to(device)
+        return host.to(device, non_blocking=True)  # a no-op on CPU; elsewhere the device orders it
     return host.pin_memory().to(device, non_blocking=True)
