@@ -52,7 +52,7 @@ Columns (one row per cell, also in `--json`):
   synchronize: counted once). Syncs of other libraries through other calls are not seen.
 - attn %: GPU time of the deformable-attention sampling kernels over all kernel time in the same
   trace: the two Triton kernels (`_forward_kernel`, `_backward_kernel` of
-  `detr_train/kernels/deformable_attention.py`) or `grid_sampler*` kernels. On the PyTorch path
+  `detr_train/modeling/kernels/deformable_attention.py`) or `grid_sampler*` kernels. On the PyTorch path
   only grid_sample's kernels are counted, not the reshapes, products and sums around them.
 - GFLOP/step and MFU %: FLOPs of forward + backward counted with
   `torch.utils.flop_counter.FlopCounterMode` on one image on the PyTorch attention path, in fp32,
@@ -87,14 +87,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from detr_train.config import config_dir
-from detr_train.engine import NonFinitePolicy, TrainStep, to_device
-from detr_train.fast_paths import apply_fast_paths, set_tf32
-from detr_train.kernels import deformable_attention
-from detr_train.kernels.selection import install_attention_kernel
-from detr_train.model import build_image_processor, build_model
-from detr_train.optim import LRSchedule, build_optimizer
-from detr_train.precision import resolve_precision
-from detr_train.state import TrainState
+from detr_train.training.loop import NonFinitePolicy, TrainStep, to_device
+from detr_train.modeling.fast_paths import apply_fast_paths, set_tf32
+from detr_train.modeling.kernels import deformable_attention
+from detr_train.modeling.kernels.selection import install_attention_kernel
+from detr_train.modeling.build import build_image_processor, build_model
+from detr_train.training.optim import LRSchedule, build_optimizer
+from detr_train.modeling.precision import resolve_precision
+from detr_train.checkpointing.state import TrainState
 
 MODEL_CONFIGS = {"r50": "deformable_detr", "tiny": "deformable_detr_tiny"}
 CLASS_NAMES = [f"class_{index}" for index in range(10)]

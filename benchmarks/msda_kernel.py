@@ -1,7 +1,7 @@
 """Multi-scale deformable attention alone: the fused Triton kernel against transformers' PyTorch path.
 
 The two implementations compared, on the same inputs:
-- `triton`: `ms_deform_attn` of `detr_train/kernels/deformable_attention.py` (one fused kernel
+- `triton`: `ms_deform_attn` of `detr_train/modeling/kernels/deformable_attention.py` (one fused kernel
   forward, one backward);
 - `pytorch`: transformers' `MultiScaleDeformableAttention` (one grid_sample per level, then a
   weighted sum), what `model.attention_kernel=pytorch` runs.
@@ -335,7 +335,7 @@ def pytorch_attention():
 
 
 def triton_attention():
-    from detr_train.kernels.deformable_attention import ms_deform_attn
+    from detr_train.modeling.kernels.deformable_attention import ms_deform_attn
 
     # ms_deform_attn gained spatial_shapes_list (transformers' argument order); older code lacks it.
     takes_list = "spatial_shapes_list" in inspect.signature(ms_deform_attn).parameters
@@ -352,11 +352,11 @@ def triton_attention():
 
 def triton_problem(device: torch.device) -> str | None:
     try:
-        from detr_train.kernels.deformable_attention import triton_unavailable_reason
+        from detr_train.modeling.kernels.deformable_attention import triton_unavailable_reason
 
         return triton_unavailable_reason(device)
     except Exception as exc:  # noqa: BLE001 - a broken kernel module must not stop the PyTorch rows
-        return f"detr_train.kernels.deformable_attention: {type(exc).__name__}: {exc}"
+        return f"detr_train.modeling.kernels.deformable_attention: {type(exc).__name__}: {exc}"
 
 
 # --- measuring

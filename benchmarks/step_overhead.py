@@ -29,9 +29,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from detr_train.config import config_dir
-from detr_train.engine import EpochPlan, to_device, train_one_epoch
-from detr_train.state import TrainState
-from detr_train.trainer import Trainer
+from detr_train.training.loop import EpochPlan, to_device, train_one_epoch
+from detr_train.checkpointing.state import TrainState
+from detr_train.training.trainer import Trainer
 
 
 def _trainer(root: Path) -> Trainer:

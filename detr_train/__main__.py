@@ -1,4 +1,4 @@
-from detr_train.cli import main
+from detr_train.cli.train import main
 
 if __name__ == "__main__":
     main()

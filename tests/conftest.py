@@ -36,6 +36,15 @@ SMALL_SYNTHETIC = [
 ]
 
 
+def make_trainer(the_plan):
+    """The Trainer `detr-train` builds for a plan: with the callbacks its config asks for.
+    A new run in a folder is `make_trainer(Plan(cfg, run_dir))`."""
+    from detr_train.cli.callbacks import build_callbacks
+    from detr_train.training.trainer import trainer_for
+
+    return trainer_for(the_plan, callbacks=build_callbacks(the_plan.cfg))
+
+
 def compose_config(overrides: list[str] | None = None):
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose("config", overrides=list(overrides or []))

@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 if TYPE_CHECKING:
-    from detr_train.trainer import Trainer
+    from detr_train.training.trainer import Trainer
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -418,7 +418,7 @@ def build_r50_trainer(root: Path) -> Trainer:
     from hydra import compose, initialize_config_dir
 
     from detr_train.config import config_dir
-    from detr_train.trainer import Trainer
+    from detr_train.training.trainer import Trainer
 
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"data.root={root / 'data'}", *R50_OVERRIDES])
@@ -430,7 +430,7 @@ def undo_fast_paths(model: torch.nn.Module) -> None:
     from transformers.loss.loss_utils import LOSS_MAPPING
     from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrEncoderLayer
 
-    from detr_train.sync_free import SyncFreeDeformableDetrEncoderLayer
+    from detr_train.modeling.sync_free import SyncFreeDeformableDetrEncoderLayer
 
     model.loss_function = LOSS_MAPPING[model.loss_type]
     for module in model.modules():

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from detr_train.config.schema import ScheduleConfig, ScheduleName
-from detr_train.engine import NonFinitePolicy, TrainStep
-from detr_train.fast_paths import apply_fast_paths
-from detr_train.model import build_model
-from detr_train.optim import LRSchedule
-from detr_train.precision import resolve_precision
-from detr_train.state import TrainState
+from detr_train.training.loop import NonFinitePolicy, TrainStep
+from detr_train.modeling.fast_paths import apply_fast_paths
+from detr_train.modeling.build import build_model
+from detr_train.training.optim import LRSchedule
+from detr_train.modeling.precision import resolve_precision
+from detr_train.checkpointing.state import TrainState
 from tests.conftest import compose_config
 
 CLASSES = ["a", "b", "c"]

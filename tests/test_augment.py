@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from detr_train.data.augment import Augmenter
-from detr_train.data.augment_config import (
+from detr_train.config.augment import (
     AugmentConfig,
     augment_config_from,
     validate_augment_config,
@@ -278,5 +278,5 @@ def test_config_module_stays_torch_free():
     import subprocess
     import sys
 
-    code = "import sys, detr_train.data.augment_config; sys.exit('torch' in sys.modules or 'PIL' in sys.modules)"
+    code = "import sys, detr_train.config.augment; sys.exit('torch' in sys.modules or 'PIL' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

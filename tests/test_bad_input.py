@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from detr_train import cli
+from detr_train.cli import train as cli
 from tests.conftest import run_cli
 
 # (overrides, what the one line must name). Each is refused while the config is composed

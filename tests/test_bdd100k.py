@@ -14,8 +14,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from detr_train.data import bdd100k
-from detr_train.data.sources import DatasetError, prepare_dataset
+from detr_train.data import bdd100k, bdd100k_frames, bdd100k_layout
+from detr_train.cli import bdd2coco
+from detr_train.data.prepare import prepare_dataset
+from detr_train.data.sources import DatasetError
 
 DATA = Path(__file__).parent / "data"
 SAMPLE = DATA / "bdd100k_labels_sample.json"
@@ -96,7 +98,7 @@ def test_converted_json_loads_in_pycocotools(tmp_path):
 
 def test_cli_help_describes_the_options():
     result = subprocess.run(
-        [sys.executable, "-m", "detr_train.data.bdd100k", "--help"],
+        [sys.executable, "-m", "detr_train.cli.bdd2coco", "--help"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -106,19 +108,30 @@ def test_cli_help_describes_the_options():
         assert option in result.stdout
 
 
-def test_cli_converts_and_returns_zero(tmp_path):
+def test_cli_converts(tmp_path):
     output = tmp_path / "nested" / "out.json"
-    assert bdd100k.main([str(SAMPLE), str(output), "--uncertain", "merge"]) == 0
+    bdd2coco.main([str(SAMPLE), str(output), "--uncertain", "merge"])
     assert json.loads(output.read_text()) == expected_coco("merge")
     assert [p.name for p in output.parent.iterdir()] == ["out.json"]  # no temp file left
 
 
-def test_cli_reports_a_bad_file_and_returns_one(tmp_path, caplog):
+def test_cli_reports_a_bad_file_in_one_line_with_status_two(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert bdd100k.main([str(bad), str(tmp_path / "out.json")]) == 1
-    assert "not valid JSON" in caplog.text
+    with pytest.raises(SystemExit) as exited:
+        bdd2coco.main([str(bad), str(tmp_path / "out.json")])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"detr-train-bdd2coco: error: {bad}: not valid JSON") and "\n" not in error
     assert not (tmp_path / "out.json").exists()
+
+
+def test_cli_reports_a_missing_file_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        bdd2coco.main([str(tmp_path / "missing.json"), str(tmp_path / "out.json")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"detr-train-bdd2coco: error: {tmp_path / 'missing.json'}: No such file or directory")
 
 
 # --------------------------------------------------------------------------------------
@@ -250,8 +263,8 @@ def test_unknown_uncertain_handling_is_an_error():
 def test_scalabel_frames_wrapper_is_accepted(tmp_path):
     labels = tmp_path / "wrapped.json"
     labels.write_text(json.dumps({"frames": [frame("a.jpg", box_label("1", "bus", 0, 0, 9, 9))]}))
-    assert bdd100k.label_file_kind(labels) == "bdd"
-    assert len(bdd100k.load_bdd_frames(labels)) == 1
+    assert bdd100k_layout.label_file_kind(labels) == "bdd"
+    assert len(bdd100k_frames.load_bdd_frames(labels)) == 1
 
 
 # --------------------------------------------------------------------------------------
@@ -317,7 +330,7 @@ def test_wrong_layout_lists_everything_missing(tmp_path):
     root = tmp_path / "bdd100k"
     (root / "images" / "100k" / "train").mkdir(parents=True)
     with pytest.raises(DatasetError) as error:
-        bdd100k.prepare(data_config(root))
+        bdd100k_layout.prepare(data_config(root))
     message = str(error.value)
     assert "data.train_images: " not in message  # that one exists
     for missing in (
@@ -331,11 +344,11 @@ def test_wrong_layout_lists_everything_missing(tmp_path):
 
 def test_missing_root_is_reported(tmp_path):
     with pytest.raises(DatasetError, match=r"data.root: .*nowhere \(not a folder\)"):
-        bdd100k.prepare(data_config(tmp_path / "nowhere"))
+        bdd100k_layout.prepare(data_config(tmp_path / "nowhere"))
 
 
 def test_prepare_converts_once_into_a_cache_next_to_the_labels(bdd_tree):
-    paths = bdd100k.prepare(data_config(bdd_tree))
+    paths = bdd100k_layout.prepare(data_config(bdd_tree))
     cache = bdd_tree / "labels" / "det_20" / "coco"
     assert paths.train_ann == cache / "det_train_ignore.json"
     assert paths.val_ann == cache / "det_val_ignore.json"
@@ -347,17 +360,17 @@ def test_prepare_converts_once_into_a_cache_next_to_the_labels(bdd_tree):
     source = bdd_tree / "labels" / "det_20" / "det_val.json"
     os.utime(source, (1e9, 1e9))
     os.utime(paths.val_ann, (1e9, 2e9))
-    bdd100k.prepare(data_config(bdd_tree))
+    bdd100k_layout.prepare(data_config(bdd_tree))
     assert paths.val_ann.stat().st_mtime == 2e9
     # ... converted again once the source is newer.
     os.utime(source, (1e9, 3e9))
-    bdd100k.prepare(data_config(bdd_tree))
+    bdd100k_layout.prepare(data_config(bdd_tree))
     assert paths.val_ann.stat().st_mtime != 2e9
     assert json.loads(paths.val_ann.read_text()) == val
 
 
 def test_prepare_caches_each_uncertain_handling_separately(bdd_tree, tmp_path):
-    paths = bdd100k.prepare(data_config(bdd_tree, uncertain="remove", cache_dir=str(tmp_path / "cache")))
+    paths = bdd100k_layout.prepare(data_config(bdd_tree, uncertain="remove", cache_dir=str(tmp_path / "cache")))
     assert paths.train_ann == tmp_path / "cache" / "det_train_remove.json"
     assert json.loads(paths.train_ann.read_text())["info"]["uncertain"] == "remove"
 
@@ -365,7 +378,7 @@ def test_prepare_caches_each_uncertain_handling_separately(bdd_tree, tmp_path):
 def test_prepare_uses_coco_json_as_it_is(bdd_tree, tmp_path):
     coco_json = tmp_path / "val_coco.json"
     bdd100k.convert_file(bdd_tree / "labels" / "det_20" / "det_val.json", coco_json)
-    paths = bdd100k.prepare(data_config(bdd_tree, val_ann=str(coco_json)))
+    paths = bdd100k_layout.prepare(data_config(bdd_tree, val_ann=str(coco_json)))
     assert paths.val_ann == coco_json
     assert paths.train_ann.name == "det_train_ignore.json"
 
@@ -405,7 +418,7 @@ def test_baseline_experiment_preset_composes():
 def converted_val(bdd_tree: Path, uncertain: str):
     from detr_train.data.coco import CocoDetectionDataset
 
-    paths = bdd100k.prepare(data_config(bdd_tree, uncertain=uncertain))
+    paths = bdd100k_layout.prepare(data_config(bdd_tree, uncertain=uncertain))
     return CocoDetectionDataset(paths.val_images, paths.val_ann), paths.val_ann
 
 
@@ -437,7 +450,7 @@ def detections_on(ann_file: Path, score: float, **where) -> list[dict]:
 
 
 def evaluate(dataset, ann_file: Path, detections: list[dict]) -> dict:
-    from detr_train.evaluation import coco_evaluate, load_coco_ground_truth
+    from detr_train.evaluation.coco import coco_evaluate, load_coco_ground_truth
 
     return coco_evaluate(load_coco_ground_truth(ann_file), detections, dataset.image_ids)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from detr_train import checkpoint as ckpt
-from detr_train.checkpointer import Checkpointer, Found, candidates, numbered_name
-from detr_train.state import RngState, StrictWeights, TrainState
+from detr_train.checkpointing import format as ckpt
+from detr_train.checkpointing.checkpointer import Checkpointer, Found, candidates, numbered_name
+from detr_train.checkpointing.state import RngState, StrictWeights, TrainState
 
 LEGACY_RUN = Path(__file__).parent / "data" / "legacy_format1_run"
 

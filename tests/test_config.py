@@ -66,7 +66,7 @@ def test_cfg_job_does_not_import_torch(tmp_path):
     # --cfg job must answer fast: torch/transformers stay off the config path.
     code = (
         "import sys; sys.argv=['detr-train','--cfg','job'];\n"
-        "from detr_train import cli\n"
+        "from detr_train.cli import train as cli\n"
         "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'transformers' not in sys.modules, 'transformers imported'\n"

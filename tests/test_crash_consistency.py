@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detr_train import checkpoint as ckpt
+from detr_train.checkpointing import format as ckpt
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow

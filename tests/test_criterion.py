@@ -22,8 +22,8 @@ from transformers.loss.loss_deformable_detr import (
     DeformableDetrImageLoss,
 )
 
-from detr_train.criterion import DeformableDetrCriterion, count_target_boxes
-from detr_train.sync_free import (
+from detr_train.modeling.criterion import DeformableDetrCriterion, count_target_boxes
+from detr_train.modeling.sync_free import (
     SyncFreeDeformableDetrEncoderLayer,
     remove_encoder_isfinite_sync,
 )
@@ -365,7 +365,7 @@ def test_sync_free_encoder_layers_give_exactly_the_same_training_step():
 
 
 def test_sync_free_patch_refuses_an_encoder_layer_whose_code_changed(monkeypatch, caplog):
-    from detr_train import sync_free
+    from detr_train.modeling import sync_free
 
     model = tiny_model()
     # Patch the module sync_free reports from: an earlier test may have left another
@@ -378,7 +378,7 @@ def test_sync_free_patch_refuses_an_encoder_layer_whose_code_changed(monkeypatch
 
 
 def test_the_fingerprint_ignores_docstrings_but_not_code():
-    from detr_train.sync_free import forward_fingerprint
+    from detr_train.modeling.sync_free import forward_fingerprint
 
     def documented():
         def forward(x):

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from detr_train import checkpoint as ckpt
+from detr_train.checkpointing.plan import Plan
+from detr_train.checkpointing import format as ckpt
 from detr_train.data.sampling import EpochBatchSampler
-from detr_train.evaluation import coco_evaluate, load_coco_ground_truth
-from tests.conftest import REPO_ROOT, compose_config, run_cli
+from detr_train.evaluation.coco import coco_evaluate, load_coco_ground_truth
+from tests.conftest import REPO_ROOT, compose_config, run_cli, make_trainer
 
 
 def _free_port() -> int:
@@ -48,8 +49,8 @@ def _noisy_detections(coco_gt, seed: int) -> list[dict]:
 def _gathered_eval_worker(rank: int, world_size: int, port: int, val_ann: str, out: str) -> None:
     import torch.distributed as dist
 
-    from detr_train.evaluation import gathered_coco_evaluate
-    from detr_train.launch_env import DistContext
+    from detr_train.evaluation.coco import gathered_coco_evaluate
+    from detr_train.distributed.launch import DistContext
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
@@ -80,7 +81,7 @@ def _divergence_worker(rank: int, world_size: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from detr_train.distributed import DistContext, ReplicaDivergenceError, check_replicas
+    from detr_train.distributed.collectives import DistContext, ReplicaDivergenceError, check_replicas
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
@@ -178,14 +179,13 @@ def test_rank_zero_alone_writes_one_run_directory(two_process_run):
 
 
 def test_the_sharded_evaluation_matches_one_process_evaluating_the_same_weights(two_process_run):
-    from detr_train.trainer import Trainer
 
     work, overrides, _ = two_process_run
     (run_dir,) = (work / "outputs" / "ddp").iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    trainer = Trainer(compose_config(overrides), work / "single_eval")
+    trainer = make_trainer(Plan(compose_config(overrides), work / "single_eval"))
     trainer.model.load_state_dict(ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")[ckpt.STATE_MODEL])
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate().metrics
     # Other batch compositions change the float sums in the last bits only.
     assert metrics["map"] == pytest.approx(records[-1]["map"], abs=1e-4)
     assert metrics["map_50"] == pytest.approx(records[-1]["map_50"], abs=1e-4)
@@ -197,7 +197,7 @@ def test_eval_under_torchrun_scores_the_shards_together_as_training_did(two_proc
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     output = tmp_path / "scores"
-    result = subprocess.run([*torchrun, "-m", "detr_train.eval_cli", str(run_dir), "--output", str(output)],
+    result = subprocess.run([*torchrun, "-m", "detr_train.cli.evaluate", str(run_dir), "--output", str(output)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

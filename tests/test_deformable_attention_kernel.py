@@ -36,12 +36,12 @@ if not torch.cuda.is_available():
 import pytest
 from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
 
-from detr_train.kernels.deformable_attention import (
+from detr_train.modeling.kernels.deformable_attention import (
     TritonMultiScaleDeformableAttention,
     ms_deform_attn,
     triton_unavailable_reason,
 )
-from detr_train.kernels.selection import install_attention_kernel
+from detr_train.modeling.kernels.selection import install_attention_kernel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LEVEL_SHAPES = [(6, 7), (3, 4), (1, 2)]
@@ -251,7 +251,7 @@ def test_install_is_idempotent_and_reversible(caplog):
     model, _ = _tiny_detector_and_batch()
     install_attention_kernel(model, "triton", DEVICE)
     installed = [m.attn for m in _attention_modules(model)]
-    with caplog.at_level(logging.INFO, logger="detr_train.kernels.selection"):
+    with caplog.at_level(logging.INFO, logger="detr_train.modeling.kernels.selection"):
         assert install_attention_kernel(model, "triton", DEVICE) == "triton"
     assert [m.attn for m in _attention_modules(model)] == installed  # nothing rebuilt
     assert len(caplog.records) == 1 and "triton" in caplog.records[0].getMessage()

@@ -66,7 +66,7 @@ def test_eval_of_a_run_dir_scores_best_pt_exactly_as_training_logged_it(trained_
 
     run_dir, _, _ = trained_run
     output = tmp_path / "scores"
-    result = _tool("eval_cli", run_dir, "--output", output)
+    result = _tool("cli.evaluate", run_dir, "--output", output)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((output / "metrics.json").read_text())
     logged = _logged(run_dir)
@@ -86,10 +86,10 @@ def test_eval_of_a_run_dir_scores_best_pt_exactly_as_training_logged_it(trained_
 
 def test_eval_of_the_export_matches_eval_of_best_pt(trained_run, tmp_path):
     run_dir, overrides, _ = trained_run
-    assert _in_process("eval_cli", run_dir, "--output", tmp_path / "ckpt")[0] == 0
+    assert _in_process("cli.evaluate", run_dir, "--output", tmp_path / "ckpt")[0] == 0
     # An exported folder has no run config: the data keys come from the command line.
     data_keys = [o for o in overrides if o.startswith(("data.", "training.batch_size"))]
-    code, stderr = _in_process("eval_cli", run_dir / "hf_model", *data_keys, "--output", tmp_path / "hf")
+    code, stderr = _in_process("cli.evaluate", run_dir / "hf_model", *data_keys, "--output", tmp_path / "hf")
     assert code == 0, stderr[-3000:]
     from_checkpoint = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["metrics"]
     from_export = json.loads((tmp_path / "hf" / "metrics.json").read_text())["metrics"]
@@ -109,7 +109,7 @@ def test_predict_draws_every_image_and_skips_an_unreadable_one(trained_run, synt
     images = _image_folder(synthetic_root, tmp_path / "images")
     (images / "broken.jpg").write_bytes(b"not an image")
     output = tmp_path / "seen"
-    result = _tool("predict_cli", run_dir, images, "--output", output, "--threshold", "0.0", "--workers", "0")
+    result = _tool("cli.predict", run_dir, images, "--output", output, "--threshold", "0.0", "--workers", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
     assert "1 unreadable image(s) skipped" in result.stderr
@@ -129,7 +129,7 @@ def test_predict_matches_the_transformers_pipeline_on_the_export(trained_run, sy
     run_dir, _, _ = trained_run
     images = _image_folder(synthetic_root, tmp_path / "images", count=3)
     output = tmp_path / "ours"
-    code, stderr = _in_process("predict_cli", run_dir / "hf_model", images, "--output", output, "--threshold", "0.05",
+    code, stderr = _in_process("cli.predict", run_dir / "hf_model", images, "--output", output, "--threshold", "0.05",
                                "--batch-size", "1", "--workers", "0", "--no-draw")
     assert code == 0, stderr[-3000:]
     ours = json.loads((output / "detections.json").read_text())
@@ -160,21 +160,22 @@ def test_bad_input_gets_one_line_and_nothing_is_overwritten(trained_run, synthet
     annotations["categories"].append({"id": 99, "name": "hexagon"})
     other_classes.write_text(json.dumps(annotations))
     cases = [
-        ("already exists", ("predict_cli", run_dir, images, "--output", taken)),
-        ("no images", ("predict_cli", run_dir, empty, "--output", tmp_path / "p1")),
-        ("not found", ("predict_cli", run_dir, tmp_path / "nowhere", "--output", tmp_path / "p2")),
-        ("not a run directory", ("eval_cli", empty, "--output", tmp_path / "e1")),
-        ("predicts 3 classes", ("eval_cli", run_dir, f"data.val_ann={other_classes}", "--output", tmp_path / "e2")),
-        ("has no key 'training.no_such_key'", ("eval_cli", run_dir, "training.no_such_key=1", "--output",
+        ("already exists", ("cli.predict", run_dir, images, "--output", taken)),
+        ("no images", ("cli.predict", run_dir, empty, "--output", tmp_path / "p1")),
+        ("not found", ("cli.predict", run_dir, tmp_path / "nowhere", "--output", tmp_path / "p2")),
+        ("not a run directory", ("cli.evaluate", empty, "--output", tmp_path / "e1")),
+        ("predicts 3 classes", ("cli.evaluate", run_dir, f"data.val_ann={other_classes}", "--output", tmp_path / "e2")),
+        ("has no key 'training.no_such_key'", ("cli.evaluate", run_dir, "training.no_such_key=1", "--output",
                                                tmp_path / "e3")),
-        ("already exists", ("eval_cli", run_dir, "--output", taken)),
+        ("already exists", ("cli.evaluate", run_dir, "--output", taken)),
     ]
     for expected, (module, *args) in cases:
         code, stderr = _in_process(module, *args)
         assert code == 2, (expected, stderr[-2000:])
         errors = [line for line in stderr.splitlines() if line.startswith("detr-train-")]
         assert len(errors) == 1 and expected in errors[0], (expected, stderr[-2000:])
-        assert errors[0].startswith(f"detr-train-{module.split('_')[0]}: error:")
+        program = {"cli.predict": "detr-train-predict", "cli.evaluate": "detr-train-eval"}[module]
+        assert errors[0].startswith(f"{program}: error:")
         assert "Traceback" not in stderr
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
     assert not any((tmp_path / name).exists() for name in ("p1", "p2", "e1", "e2", "e3"))
@@ -184,16 +185,16 @@ def test_the_commands_are_console_scripts_beside_detr_train():
     from importlib.metadata import entry_points
 
     scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts")}
-    assert scripts["detr-train-eval"] == "detr_train.eval_cli:main"
-    assert scripts["detr-train-predict"] == "detr_train.predict_cli:main"
+    assert scripts["detr-train-eval"] == "detr_train.cli.evaluate:main"
+    assert scripts["detr-train-predict"] == "detr_train.cli.predict:main"
 
 
 def test_a_first_release_checkpoint_loads_for_inference_with_its_own_weights(synthetic_root):
     """Checkpoints from before the model config was recorded rebuild from their run config."""
     import torch
 
-    from detr_train import checkpoint as ckpt
-    from detr_train.inference import load_for_inference
+    from detr_train.checkpointing import format as ckpt
+    from detr_train.evaluation.inference import load_for_inference
 
     last = REPO_ROOT / "tests" / "data" / "legacy_format1_run" / "checkpoints" / "last.pt"
     loaded = load_for_inference(last, [f"data.root={synthetic_root}"], torch.device("cpu"))

@@ -14,10 +14,10 @@ from pycocotools.cocoeval import COCOeval
 
 from detr_train.data.coco import CocoDetectionDataset, SampleRequest
 from detr_train.data.collate import DetrCollator
-from detr_train.engine import predict
-from detr_train.evaluation import STAT_NAMES, coco_evaluate, load_coco_ground_truth
-from detr_train.model import build_image_processor
-from detr_train.precision import resolve_precision
+from detr_train.evaluation.evaluator import predict
+from detr_train.evaluation.coco import STAT_NAMES, coco_evaluate, load_coco_ground_truth
+from detr_train.modeling.build import build_image_processor
+from detr_train.modeling.precision import resolve_precision
 
 
 class _OracleModel(torch.nn.Module):

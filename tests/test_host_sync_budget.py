@@ -158,7 +158,7 @@ def test_the_fast_path_training_step_stays_within_its_sync_budget(r50_step_syncs
     assert fast.total <= FAST_PATH_BUDGET, (
         f"{fast.total} host syncs in one fast-path training step (budget {FAST_PATH_BUDGET}):\n{fast.table()}")
     # The step's one deliberate read: its loss values, all at once.
-    assert any(row.location.startswith("detr_train/engine.py:") and row.kind == "tolist" for row in fast.rows)
+    assert any(row.location.startswith("detr_train/training/loop.py:") and row.kind == "tolist" for row in fast.rows)
 
 
 @pytest.mark.slow

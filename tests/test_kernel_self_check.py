@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from detr_train.errors import ConfigError
-from detr_train.kernels import selection, self_check
-from detr_train.kernels.deformable_attention import TritonMultiScaleDeformableAttention, check_inputs, ms_deform_attn
+from detr_train.modeling.kernels import selection, self_check
+from detr_train.modeling.kernels.deformable_attention import TritonMultiScaleDeformableAttention, check_inputs, ms_deform_attn
 
 CPU = torch.device("cpu")
 SHAPES = [(4, 6), (2, 3), (1, 1)]  # 24 + 6 + 1 = 31 keys
@@ -95,7 +95,7 @@ def test_a_short_value_is_refused_before_any_launch(monkeypatch):
     def no_launch():
         raise AssertionError("the kernel was launched")
 
-    monkeypatch.setattr("detr_train.kernels.deformable_attention._kernels", no_launch)
+    monkeypatch.setattr("detr_train.modeling.kernels.deformable_attention._kernels", no_launch)
     inputs = _inputs(value=torch.randn(BATCH, 29, HEADS, HEAD_DIM))
     with pytest.raises(ValueError, match="value has 29 keys"):
         TritonMultiScaleDeformableAttention()(
@@ -156,7 +156,7 @@ def test_a_faulty_kernel_falls_back_under_auto_with_one_warning(fresh_self_check
     kernel, reason = FAULTY_KERNELS[fault]
     monkeypatch.setattr(self_check, "ms_deform_attn", kernel)
     model = _attention_model()
-    with caplog.at_level(logging.WARNING, logger="detr_train.kernels.selection"):
+    with caplog.at_level(logging.WARNING, logger="detr_train.modeling.kernels.selection"):
         assert selection.install_attention_kernel(model, "auto", CPU) == "pytorch"
         assert selection.install_attention_kernel(_attention_model(), "auto", CPU) == "pytorch"
     assert _kinds(model) == ["pytorch"]

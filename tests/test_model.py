@@ -7,8 +7,8 @@ import time
 import pytest
 
 from detr_train.config.checks import check_config
-from detr_train.model import PretrainedUnavailableError, build_model, build_model_config
-from detr_train.pretrained import hub_unreachable
+from detr_train.modeling.build import PretrainedUnavailableError, build_model, build_model_config
+from detr_train.modeling.pretrained import hub_unreachable
 from tests.conftest import compose_config
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from detr_train.config.schema import ScheduleConfig, ScheduleName
-from detr_train.engine import EpochPlan, NonFiniteLossError, NonFinitePolicy, TrainStep, train_one_epoch
-from detr_train.model import build_model
-from detr_train.optim import LRSchedule
-from detr_train.precision import resolve_precision
-from detr_train.state import TrainState
+from detr_train.training.loop import EpochPlan, NonFiniteLossError, NonFinitePolicy, TrainStep, train_one_epoch
+from detr_train.modeling.build import build_model
+from detr_train.training.optim import LRSchedule
+from detr_train.modeling.precision import resolve_precision
+from detr_train.checkpointing.state import TrainState
 from tests.conftest import compose_config
 
 
@@ -32,7 +32,7 @@ def test_bad_amp_dtype_is_rejected():
 def test_deformable_attention_projections_run_in_half_precision_and_sampling_accumulates_in_fp32():
     """No fp32 island: under autocast the attention's linear layers run in bf16, the fused
     kernel takes the bf16 values and sums in fp32, and the output stays close to fp32's."""
-    from detr_train.kernels.selection import install_attention_kernel
+    from detr_train.modeling.kernels.selection import install_attention_kernel
 
     torch.manual_seed(0)
     model = build_model(compose_config().model, ["a", "b", "c"]).eval()

@@ -13,10 +13,11 @@ import time
 import pytest
 import torch
 
-from detr_train.model import PretrainedUnavailableError, build_model
-from detr_train.plan import plan
-from detr_train.trainer import Trainer, trainer_for
-from tests.conftest import compose_config
+from detr_train.checkpointing.plan import Plan
+from detr_train.modeling.build import PretrainedUnavailableError, build_model
+from detr_train.checkpointing.plan import plan
+from detr_train.training.trainer import Trainer
+from tests.conftest import compose_config, make_trainer
 
 TINY_TIMM = "test_resnet"  # timm's 0.1M-parameter test ResNet
 TINY_DETECTOR = ["model.d_model=32", "model.encoder_ffn_dim=64", "model.decoder_ffn_dim=64", "model.num_queries=8",
@@ -42,7 +43,7 @@ def _save_detector(folder, *, with_box_refine=False, two_stage=False):
 
 
 def _resumed(overrides: list[str], run_dir) -> Trainer:
-    trainer = trainer_for(plan(compose_config(overrides + [f"training.resume={run_dir}"]), run_dir))
+    trainer = make_trainer(plan(compose_config(overrides + [f"training.resume={run_dir}"]), run_dir))
     trainer.fit()
     return trainer
 
@@ -54,7 +55,7 @@ def test_a_pretrained_detector_loads_trains_and_resumes_without_its_source(varia
                             two_stage=variant == "two_stage")
     overrides = small_run_overrides + SHORT + [f"model.pretrained={tmp_path / 'pretrained'}"]
     with caplog.at_level(logging.INFO):
-        trainer = Trainer(compose_config(overrides + ["training.epochs=1"]), tmp_path / "run")
+        trainer = make_trainer(Plan(compose_config(overrides + ["training.epochs=1"]), tmp_path / "run"))
     # The architecture is the checkpoint's (d_model 64, two-stage...), not the YAML's (128).
     assert trainer.model.config.d_model == 64 and trainer.model.config.two_stage == (variant == "two_stage")
     assert "its architecture is the checkpoint's" in caplog.text
@@ -81,7 +82,7 @@ def test_a_local_timm_backbone_starts_the_detector(small_run_overrides, tmp_path
         "model.backbone.type=timm", f"model.backbone.name={TINY_TIMM}", f"model.backbone.pretrained={weights}",
         "model.backbone.train_stem=false",
     ]
-    trainer = Trainer(compose_config(overrides + ["training.epochs=1"]), tmp_path / "run")
+    trainer = make_trainer(Plan(compose_config(overrides + ["training.epochs=1"]), tmp_path / "run"))
     backbone = trainer.model.model.backbone.model
     for name, value in expected.state_dict().items():
         if not name.endswith("num_batches_tracked"):
@@ -115,7 +116,7 @@ def test_the_export_is_the_trained_network(case, small_run_overrides, tmp_path):
     if case == "timm_two_stage":
         _save_detector(tmp_path / "pretrained", with_box_refine=True, two_stage=True)
         overrides.append(f"model.pretrained={tmp_path / 'pretrained'}")
-    trainer = Trainer(compose_config(overrides), tmp_path / "run")
+    trainer = make_trainer(Plan(compose_config(overrides), tmp_path / "run"))
     trainer.fit()
     trained, _ = trainer.best_weights()
     exported = DeformableDetrForObjectDetection.from_pretrained(tmp_path / "run" / "hf_model")

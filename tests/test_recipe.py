@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from detr_train import checkpoint as ckpt
-from detr_train.callbacks import EarlyStopping, EpochResult
-from detr_train.plan import plan
-from detr_train.trainer import Trainer
-from tests.conftest import compose_config
+from detr_train.checkpointing.plan import Plan
+from detr_train.checkpointing import format as ckpt
+from detr_train.training.callbacks import EarlyStopping, EpochResult
+from detr_train.checkpointing.plan import plan
+from detr_train.training.trainer import Trainer
+from tests.conftest import compose_config, make_trainer
 
 # A step schedule depends on the step only, so "2 epochs, then 2 more" is the same run as "4".
 EXACT = ["training.schedule.name=step", "training.schedule.step_epochs=[3]", "training.val_subset_size=8",
@@ -29,17 +30,16 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _resumed(overrides: list[str], run_dir: Path) -> Trainer:
     the_plan = plan(compose_config(overrides + [f"training.resume={run_dir}"]), run_dir)
-    trainer = Trainer(the_plan.cfg, the_plan.run_dir)
-    trainer.restore(the_plan.resume_from)
+    trainer = make_trainer(the_plan)
     trainer.fit()
     return trainer
 
 
 def test_ema_two_epochs_then_resume_equals_four_straight(small_run_overrides, tmp_path):
     overrides = small_run_overrides + EXACT + EMA
-    straight = Trainer(compose_config(overrides + ["training.epochs=4"]), tmp_path / "straight")
+    straight = make_trainer(Plan(compose_config(overrides + ["training.epochs=4"]), tmp_path / "straight"))
     straight.fit()
-    Trainer(compose_config(overrides + ["training.epochs=2"]), tmp_path / "split").fit()
+    make_trainer(Plan(compose_config(overrides + ["training.epochs=2"]), tmp_path / "split")).fit()
     resumed = _resumed(overrides + ["training.epochs=4"], tmp_path / "split")
 
     assert _records(resumed.run_dir) == _records(straight.run_dir)
@@ -55,13 +55,12 @@ def test_ema_two_epochs_then_resume_equals_four_straight(small_run_overrides, tm
 
 def test_a_checkpoint_without_ema_starts_the_average_at_its_weights(small_run_overrides, tmp_path):
     overrides = small_run_overrides + EXACT
-    Trainer(compose_config(overrides + ["training.epochs=1"]), tmp_path / "run").fit()
+    make_trainer(Plan(compose_config(overrides + ["training.epochs=1"]), tmp_path / "run")).fit()
     the_plan = plan(compose_config(overrides + EMA + ["training.epochs=2", f"training.resume={tmp_path / 'run'}"]),
                     tmp_path / "run")
     # EMA is a setting of the run (the checkpoint's config wins): switch it on as a new run would.
     the_plan.cfg.training.ema.enabled = True
-    trainer = Trainer(the_plan.cfg, the_plan.run_dir)
-    trainer.restore(the_plan.resume_from)
+    trainer = make_trainer(the_plan)
     for a, b in zip(trainer.ema.module.state_dict().values(), trainer.model.state_dict().values()):
         assert torch.equal(a, b)
     assert trainer.ema.updates == 0
@@ -80,7 +79,7 @@ class _Run:
 
 def _feed(callback: EarlyStopping, run: _Run, maps: list[float], first_epoch: int = 1) -> int | None:
     for epoch, value in enumerate(maps, start=first_epoch):
-        callback.on_epoch_end(run, EpochResult(epoch, {}, metrics={"map": value}))
+        callback.on_epoch_end(run, EpochResult(epoch, {"map": value}))
         if run.stop_request is not None:
             return epoch
     return None
@@ -108,7 +107,7 @@ def test_the_early_stop_counter_survives_a_checkpoint():
 def test_a_run_stops_early_and_its_resume_keeps_the_count(small_run_overrides, tmp_path):
     # min_delta 1.0 can never be met: the first evaluation sets the best, each later one is stale.
     overrides = small_run_overrides + EXACT + ["training.early_stop.patience=2", "training.early_stop.min_delta=1.0"]
-    Trainer(compose_config(overrides + ["training.epochs=2"]), tmp_path / "run").fit()
+    make_trainer(Plan(compose_config(overrides + ["training.epochs=2"]), tmp_path / "run")).fit()
     saved = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert saved["early_stop"]["stale"] == 1
     resumed = _resumed(overrides + ["training.epochs=6"], tmp_path / "run")
@@ -121,7 +120,7 @@ def test_the_export_holds_the_weights_that_scored_best(small_run_overrides, tmp_
     from transformers import DeformableDetrForObjectDetection
 
     overrides = small_run_overrides + EXACT + ["training.epochs=2", "training.export_hf=true"] + (EMA if ema else [])
-    trainer = Trainer(compose_config(overrides), tmp_path / "run")
+    trainer = make_trainer(Plan(compose_config(overrides), tmp_path / "run"))
     trainer.fit()
     best = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     source = trainer.state.best_weights

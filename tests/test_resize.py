@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from detr_train.plan import plan
-from detr_train.resize import ResizeScheduleError, size_for_epoch, validate_resize_schedule
-from detr_train.trainer import Trainer
-from tests.conftest import compose_config
+from detr_train.checkpointing.plan import Plan
+from detr_train.checkpointing.plan import plan
+from detr_train.config.resize_schedule import ResizeScheduleError, validate_resize_schedule
+from detr_train.training.resize import size_for_epoch
+from tests.conftest import compose_config, make_trainer
 
 
 def test_size_follows_the_seed_design_example():
@@ -42,7 +43,7 @@ def test_malformed_schedules_fail_with_a_clear_error(schedule, match):
 def test_malformed_schedule_fails_before_training(small_run_overrides, tmp_path):
     cfg = compose_config(small_run_overrides + ["training.resize_schedule=[[2,64]]"])
     with pytest.raises(ResizeScheduleError, match="must start at epoch 1"):
-        Trainer(cfg, tmp_path / "run")
+        make_trainer(Plan(cfg, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -59,10 +60,9 @@ def test_workers_produce_the_scheduled_size_across_a_resume(small_run_overrides,
         "training.resize_schedule=[[1,64],[2,80],[3,48]]",
     ]
     run_dir = tmp_path / "run"
-    Trainer(compose_config(overrides + ["training.epochs=2"]), run_dir).fit()
+    make_trainer(Plan(compose_config(overrides + ["training.epochs=2"]), run_dir)).fit()
     # Resume lands after the switch at epoch 2: epoch 3 must use its own size.
     resumed_plan = plan(compose_config(overrides + ["training.epochs=3", f"training.resume={run_dir}"]), run_dir)
-    resumed = Trainer(resumed_plan.cfg, resumed_plan.run_dir)
-    resumed.restore(resumed_plan.resume_from)
+    resumed = make_trainer(resumed_plan)
     resumed.fit()
     assert _input_sizes(run_dir) == {1: (64, [64, 64]), 2: (80, [80, 80]), 3: (48, [48, 48])}

@@ -11,10 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detr_train import checkpoint as ckpt
-from detr_train.plan import plan
-from detr_train.trainer import Trainer
-from tests.conftest import SMALL_SYNTHETIC, compose_config, run_cli
+from detr_train.checkpointing.plan import Plan
+from detr_train.checkpointing import format as ckpt
+from detr_train.checkpointing.plan import plan
+from detr_train.training.trainer import Trainer
+from tests.conftest import SMALL_SYNTHETIC, compose_config, run_cli, make_trainer
 
 # LR schedules that depend only on the step (not on the total length) make
 # "2 epochs, then 2 more" the same run as "4 epochs".
@@ -43,8 +44,7 @@ def _train_state(path: Path) -> dict:
 def _resume(cfg, run_dir: Path) -> Trainer:
     cfg.training.resume = str(run_dir)
     resumed = plan(cfg, run_dir)
-    trainer = Trainer(resumed.cfg, resumed.run_dir)
-    trainer.restore(resumed.resume_from)
+    trainer = make_trainer(resumed)
     trainer.fit()
     return trainer
 
@@ -54,7 +54,7 @@ def straight_run(synthetic_root, tmp_path_factory):
     # One uninterrupted reference run shared by the equivalence tests.
     overrides = SMALL_SYNTHETIC + [f"data.root={synthetic_root}", "training.batch_size=4", "training.log_every=0",
                                    "training.progress=false", "training.schedule.warmup_steps=2"]
-    trainer = Trainer(compose_config(overrides + EXACT), tmp_path_factory.mktemp("straight"))
+    trainer = make_trainer(Plan(compose_config(overrides + EXACT), tmp_path_factory.mktemp("straight")))
     trainer.fit()
     return trainer
 
@@ -68,7 +68,7 @@ def _assert_same_run(straight: Trainer, resumed: Trainer):
 
 def test_two_epochs_then_resume_equals_four_straight(straight_run, small_run_overrides, tmp_path):
     run_dir = tmp_path / "split"
-    Trainer(_cfg(small_run_overrides, "training.epochs=2"), run_dir).fit()
+    make_trainer(Plan(_cfg(small_run_overrides, "training.epochs=2"), run_dir)).fit()
     assert [r["epoch"] for r in _records(run_dir)] == [1, 2]
     resumed = _resume(_cfg(small_run_overrides), run_dir)
     assert [r["epoch"] for r in _records(run_dir)] == [1, 2, 3, 4]
@@ -81,7 +81,7 @@ class _Crash(RuntimeError):
 
 def test_mid_epoch_checkpoint_resumes_at_the_exact_batch(straight_run, small_run_overrides, tmp_path, monkeypatch):
     run_dir = tmp_path / "crashed"
-    trainer = Trainer(_cfg(small_run_overrides, "training.checkpoint.every_n_steps=5"), run_dir)
+    trainer = make_trainer(Plan(_cfg(small_run_overrides, "training.checkpoint.every_n_steps=5"), run_dir))
     original_save = trainer.checkpointer.save
 
     def save_then_crash(**kwargs):
@@ -100,7 +100,7 @@ def test_mid_epoch_checkpoint_resumes_at_the_exact_batch(straight_run, small_run
 
 def test_sigterm_stops_cleanly_and_resumes_exactly(straight_run, small_run_overrides, tmp_path):
     run_dir = tmp_path / "preempted"
-    trainer = Trainer(_cfg(small_run_overrides), run_dir)
+    trainer = make_trainer(Plan(_cfg(small_run_overrides), run_dir))
     calls = {"n": 0}
 
     def preempt(module, args):
@@ -138,7 +138,7 @@ def test_cli_resume_with_more_epochs_continues_in_the_same_run_dir(small_run_ove
 
 def test_resume_from_damaged_last_uses_newest_intact_and_reports(small_run_overrides, tmp_path, caplog):
     run_dir = tmp_path / "damaged"
-    Trainer(_cfg(small_run_overrides, "training.epochs=2", "training.checkpoint.keep_last=2"), run_dir).fit()
+    make_trainer(Plan(_cfg(small_run_overrides, "training.epochs=2", "training.checkpoint.keep_last=2"), run_dir)).fit()
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
     cfg = _cfg(small_run_overrides, f"training.resume={run_dir}")
@@ -245,7 +245,7 @@ def test_a_requeued_job_started_again_without_a_resume_path_continues_mid_epoch(
 
 def test_a_stop_signal_is_passed_on_to_the_previous_handler_after_the_checkpoint():
     """Under submitit the previous SIGUSR2 handler is the one that requeues the job."""
-    from detr_train.signals import GracefulStop
+    from detr_train.training.signals import GracefulStop
 
     received = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
@@ -289,7 +289,7 @@ def test_a_run_checkpointed_by_the_first_release_resumes_as_if_never_stopped(sma
 
     run_dir = tmp_path / "legacy"
     shutil.copytree(LEGACY_RUN, run_dir)
-    straight = Trainer(compose_config(small_run_overrides + LEGACY), tmp_path / "straight")
+    straight = make_trainer(Plan(compose_config(small_run_overrides + LEGACY), tmp_path / "straight"))
     straight.fit()
     # The dataset has moved since (data.root may change on resume); everything else comes from the checkpoint.
     resumed = _resume(compose_config(small_run_overrides + LEGACY), run_dir)
@@ -309,10 +309,10 @@ def test_a_run_that_accumulates_gradients_resumes_mid_epoch_exactly(small_run_ov
     """Checkpoints of an accumulating run fall on optimiser-step boundaries (after a whole
     window of micro-batches), so a resume from one continues exactly."""
     overrides = ["training.accumulate_steps=2", "training.checkpoint.every_n_steps=2", "training.subset_size=32"]
-    straight = Trainer(_cfg(small_run_overrides, *overrides), tmp_path / "straight")
+    straight = make_trainer(Plan(_cfg(small_run_overrides, *overrides), tmp_path / "straight"))
     straight.fit()
     run_dir = tmp_path / "crashed"
-    trainer = Trainer(_cfg(small_run_overrides, *overrides), run_dir)
+    trainer = make_trainer(Plan(_cfg(small_run_overrides, *overrides), run_dir))
     original_save = trainer.checkpointer.save
 
     def save_then_crash(**kwargs):

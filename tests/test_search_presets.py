@@ -51,7 +51,7 @@ def test_an_lr_trial_trains_the_budgets_epochs(budget, trial_epochs):
     training length (4); a smaller budget still caps it."""
     from hydra import compose, initialize_config_dir
 
-    from detr_train.trainer import epochs_to_train
+    from detr_train.training.trainer import epochs_to_train
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=["search=lr", f"budget={budget}"])

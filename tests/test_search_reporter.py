@@ -11,10 +11,12 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from detr_train.checkpointing.plan import Plan
 from detr_train.search import attrs
 from detr_train.search.outcome import judge
 from detr_train.search.reporter import NullReporter, TrialReporter, reporter_for
 from detr_train.search.storage import open_storage
+from tests.conftest import make_trainer
 
 
 def test_outside_a_search_the_reporter_is_a_no_op_and_optuna_is_never_imported():
@@ -134,9 +136,7 @@ def test_the_trainer_stops_a_pruned_trial_but_never_discards_its_last_epoch(smal
     # A pruner that prunes every report (mAP is always below 1) stops a 2-epoch trial after
     # epoch 1; a 1-epoch trial is not asked after its only, and last, epoch: pruning there
     # (a successive-halving rung can land on it) would only throw away a finished result.
-    from detr_train.search.callbacks import trial_callbacks
-    from detr_train.trainer import Trainer
-    from tests.conftest import compose_config
+    from tests.conftest import compose_config, make_trainer
 
     url = str(tmp_path / "journal.log")
     study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
@@ -147,7 +147,7 @@ def test_the_trainer_stops_a_pruned_trial_but_never_discards_its_last_epoch(smal
             f"training.epochs={epochs}", "training.subset_size=8", "training.val_subset_size=8",
             "trial.study_name=s", f"trial.storage={url}", f"trial.number={trial.number}",
         ])
-        Trainer(cfg, tmp_path / f"trial_{trial.number}", callbacks=trial_callbacks(cfg.trial)).fit()
+        make_trainer(Plan(cfg, tmp_path / f"trial_{trial.number}")).fit()
     cut_short, last_epoch_only = study.trials
     assert list(cut_short.intermediate_values) == [1]
     assert cut_short.user_attrs[attrs.PRUNED_AT] == 1
@@ -160,9 +160,7 @@ def test_a_trial_that_stops_early_is_complete_not_pruned(small_run_overrides, tm
     # epoch 2 first, so the trial finished: no pruning mark, its best value returned.
     from hydra.core.utils import JobReturn, JobStatus
 
-    from detr_train.search.callbacks import trial_callbacks
     from detr_train.search.outcome import judge
-    from detr_train.trainer import Trainer
     from tests.conftest import compose_config
 
     url = str(tmp_path / "journal.log")
@@ -175,7 +173,7 @@ def test_a_trial_that_stops_early_is_complete_not_pruned(small_run_overrides, tm
         "training.early_stop.patience=1", "training.early_stop.min_delta=1.0",
         "trial.study_name=s", f"trial.storage={url}", f"trial.number={trial.number}",
     ])
-    best = Trainer(cfg, tmp_path / "trial_0", callbacks=trial_callbacks(cfg.trial)).fit()
+    best = make_trainer(Plan(cfg, tmp_path / "trial_0")).fit()
     stored = study.trials[0]
     assert list(stored.intermediate_values) == [1, 2]
     assert attrs.PRUNED_AT not in stored.user_attrs

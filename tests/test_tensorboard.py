@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from detr_train import tensorboard as tb_module
-from detr_train.tensorboard import (
+from detr_train.reporting import tensorboard as tb_module
+from detr_train.reporting.tensorboard import (
     INSTALL_HINT,
     MissingDependencyError,
     TensorBoardWriter,

@@ -17,14 +17,15 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from detr_train import cli, visualize
-from detr_train import tensorboard as tb_module
+from detr_train.checkpointing.plan import Plan
+from detr_train.cli import train as cli
+from detr_train.reporting import drawing, plots
+from detr_train.reporting import tensorboard as tb_module
 from detr_train.config.checks import TENSORBOARD_MISSING
 from detr_train.errors import ConfigError
-from detr_train.plan import plan
-from detr_train.trainer import Trainer
-from detr_train.visual_callbacks import EvaluationPlots, TrainingCurves, visual_callbacks
-from tests.conftest import SMALL_SYNTHETIC, compose_config
+from detr_train.checkpointing.plan import plan
+from detr_train.reporting.visual_callbacks import EvaluationPlots, TrainingCurves, visual_callbacks
+from tests.conftest import SMALL_SYNTHETIC, compose_config, make_trainer
 
 VIS_IMAGES = 2
 # Two short epochs at a raised LR: enough for COCOeval to find some true positives (AP > 0),
@@ -64,14 +65,14 @@ def _temp_files(folder: Path) -> list[Path]:
 
 
 def _spy(monkeypatch, name: str) -> list[dict]:
-    """Record every call of visualize.<name>, then call the real function."""
-    real, calls = getattr(visualize, name), []
+    """Record every call of plots.<name>, then call the real function."""
+    real, calls = getattr(plots, name), []
 
     def spy(*args, **kwargs):
         calls.append({"args": args, "kwargs": kwargs})
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(visualize, name, spy)
+    monkeypatch.setattr(plots, name, spy)
     return calls
 
 
@@ -86,7 +87,7 @@ def pictured_run(synthetic_root, tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         per_class_calls = _spy(monkeypatch, "plot_per_class_ap")
         pr_calls = _spy(monkeypatch, "plot_precision_recall")
-        trainer = Trainer(cfg, run_dir)
+        trainer = make_trainer(Plan(cfg, run_dir))
         trainer.fit()
     return SimpleNamespace(run_dir=run_dir, trainer=trainer, per_class_calls=per_class_calls, pr_calls=pr_calls,
                            records=_records(run_dir), tensorboard=with_tensorboard)
@@ -137,7 +138,7 @@ def test_prediction_images_for_exactly_n_fixed_val_images(pictured_run, tmp_path
         with Image.open(val.images_dir / info["file_name"]) as plain:
             plain = plain.convert("RGB")
         # The plain image through the same JPEG encoder: what is left of a difference is drawing.
-        plain_path = visualize.save_image(visualize.side_by_side(plain, plain), tmp_path / f"plain_{index}.jpg")
+        plain_path = drawing.save_image(drawing.side_by_side(plain, plain), tmp_path / f"plain_{index}.jpg")
         with Image.open(plain_path) as reference:
             reference = np.asarray(reference.convert("RGB"), dtype=np.int16)
         with Image.open(folders[-1] / f"{Path(info['file_name']).stem}.jpg") as drawn:
@@ -171,7 +172,7 @@ def test_tensorboard_holds_every_metrics_scalar_and_the_pictures(pictured_run):
 
 def test_a_drawing_failure_warns_and_the_run_finishes_unchanged(pictured_run, synthetic_root, tmp_path,
                                                                 monkeypatch, caplog):
-    real_curves = visualize.plot_training_curves
+    real_curves = plots.plot_training_curves
 
     def curves_that_die_writing(records, path):
         if len(records) == 1:
@@ -189,13 +190,13 @@ def test_a_drawing_failure_warns_and_the_run_finishes_unchanged(pictured_run, sy
     def broken(*args, **kwargs):
         raise RuntimeError("no luck drawing")
 
-    monkeypatch.setattr(visualize, "plot_training_curves", curves_that_die_writing)
-    monkeypatch.setattr(visualize, "plot_precision_recall", broken)
-    monkeypatch.setattr(visualize, "compare_with_ground_truth", broken)
+    monkeypatch.setattr(plots, "plot_training_curves", curves_that_die_writing)
+    monkeypatch.setattr(plots, "plot_precision_recall", broken)
+    monkeypatch.setattr(drawing, "compare_with_ground_truth", broken)
     run_dir = tmp_path / "run"
     cfg = compose_config(_overrides(synthetic_root, f"training.vis_images={VIS_IMAGES}"))
-    with caplog.at_level(logging.WARNING, logger="detr_train.visual_callbacks"):
-        best = Trainer(cfg, run_dir).fit()
+    with caplog.at_level(logging.WARNING, logger="detr_train.reporting.visual_callbacks"):
+        best = make_trainer(Plan(cfg, run_dir)).fit()
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("Could not draw the training curves after epoch 2" in w and "disk full" in w for w in warnings)
@@ -214,7 +215,7 @@ def test_a_drawing_failure_warns_and_the_run_finishes_unchanged(pictured_run, sy
 
 def test_a_resumed_runs_curves_include_the_earlier_epochs(synthetic_root, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    Trainer(compose_config(_overrides(synthetic_root, "training.epochs=1", "training.vis_images=1")), run_dir).fit()
+    make_trainer(Plan(compose_config(_overrides(synthetic_root, "training.epochs=1", "training.vis_images=1")), run_dir)).fit()
     # What a kill in the middle of writing each picture leaves behind.
     leftovers = [run_dir / ".training_curves.png.x1.tmp", run_dir / "plots" / ".pr_curves.png.x2.tmp",
                  run_dir / "vis" / "epoch_0001" / ".val_00000.jpg.x3.tmp"]
@@ -223,8 +224,7 @@ def test_a_resumed_runs_curves_include_the_earlier_epochs(synthetic_root, tmp_pa
     curve_calls = _spy(monkeypatch, "plot_training_curves")
     resumed_plan = plan(compose_config(_overrides(synthetic_root, "training.epochs=2", "training.vis_images=1",
                                                   f"training.resume={run_dir}")), run_dir)
-    resumed = Trainer(resumed_plan.cfg, resumed_plan.run_dir)
-    resumed.restore(resumed_plan.resume_from)
+    resumed = make_trainer(resumed_plan)
     resumed.fit()
 
     assert len(curve_calls) == 1
@@ -282,7 +282,7 @@ def test_a_config_built_in_code_stops_before_the_first_step(synthetic_root, tmp_
     cfg = compose_config(_overrides(synthetic_root, "training.tensorboard=true"))
     _hide_tensorboard(monkeypatch)
     run_dir = tmp_path / "run"
-    trainer = Trainer(cfg, run_dir)
+    trainer = make_trainer(Plan(cfg, run_dir))
     with pytest.raises(ConfigError, match=r"training\.tensorboard=true needs the tensorboard package"):
         trainer.fit()
     assert trainer.state.global_step == 0

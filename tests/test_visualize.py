@@ -14,20 +14,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_train.visualize import (
-    IOU_50_INDEX,
-    IOU_75_INDEX,
-    MEAN_OVER_IOUS,
-    class_color,
-    class_palette,
-    draw_detections,
-    plot_per_class_ap,
-    plot_precision_recall,
-    plot_training_curves,
-    precision_recall_curves,
-    save_image,
-    side_by_side,
-)
+from detr_train.reporting.colors import class_color, class_palette
+from detr_train.reporting.drawing import draw_detections, save_image, side_by_side
+from detr_train.reporting.plots import IOU_50_INDEX, IOU_75_INDEX, MEAN_OVER_IOUS, plot_per_class_ap, plot_precision_recall, plot_training_curves, precision_recall_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ from tests.conftest import REPO_ROOT
 PERSISTENT_WORKERS_LEFT_OPEN = textwrap.dedent("""
     import os, signal, sys
     from torch.utils.data import DataLoader
-    from detr_train.signals import ignore_stop_signals
+    from detr_train.data.workers import ignore_stop_signals
 
     def report(_):
         return os.getpgrp(), signal.getsignal(signal.SIGINT) is signal.SIG_IGN

@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from detr_train.data.augment_config import validate_augment_config
+from detr_train.config.augment import validate_augment_config
+from detr_train.config.resize_schedule import validate_resize_schedule
 from detr_train.errors import ConfigError
 
 # transformers' DeformableDetrConfig stores these as int.
@@ -149,11 +150,10 @@ def _check_progress(progress: Any) -> None:
 def _check_tensorboard(enabled: bool) -> None:
     if not enabled:
         return
-    # Imported only when asked for: it loads torch, which a config mistake should not wait for.
-    from detr_train.tensorboard import tensorboard_available
-
-    if not tensorboard_available():
-        raise ConfigError(TENSORBOARD_MISSING)
+    try:
+        import tensorboard  # noqa: F401 - the package alone, without torch: a config check must stay fast
+    except ImportError:
+        raise ConfigError(TENSORBOARD_MISSING) from None
 
 
 def _check_each_positive(key: str, values) -> None:
@@ -205,6 +205,4 @@ def _check_backbone(backbone: DictConfig) -> None:
 
 
 def _check_resize_schedule(schedule) -> None:
-    from detr_train.resize import validate_resize_schedule
-
     validate_resize_schedule(None if schedule is None else OmegaConf.to_container(schedule))

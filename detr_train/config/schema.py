@@ -22,7 +22,7 @@ from typing import List, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from detr_train.data.augment_config import AugmentConfig
+from detr_train.config.augment import AugmentConfig
 
 SCHEMA_NAME = "detr_train_schema"
 
@@ -65,7 +65,7 @@ class BackboneConfig:
     hidden_sizes: List[int] = MISSING
     depths: List[int] = MISSING
     layer_type: str = MISSING
-    # resnet only. group_norm: the first release's from-scratch swap (trains, does not export).
+    # resnet only. group_norm: GroupNorm swapped in to train from scratch (trains, cannot export).
     norm: BackboneNorm = BackboneNorm.frozen_bn
     num_groups: int = 8  # bit: GroupNorm groups
     train_stem: bool = MISSING
@@ -220,7 +220,7 @@ class TrainingConfig:
     # auto: progress bars only on a terminal.
     progress: Union[bool, str] = MISSING
     export_hf: bool = MISSING
-    # Pictures in the run dir (detr_train/visual_callbacks.py): training_curves.png every epoch,
+    # Pictures in the run dir (detr_train/reporting/visual_callbacks.py): training_curves.png every epoch,
     # plots/per_class_ap.png and plots/pr_curves.png at each evaluation.
     plots: bool = True
     # Predictions | ground truth on the first N validation images at each evaluation (vis/); 0: none.

@@ -1,6 +1,6 @@
 """The training augmentation pipeline: flip, multi-scale resize, DETR's crop branch, jitter.
 
-Settings come from `data.augment` (see `augment_config`, which also explains how pixel
+Settings come from `data.augment` (see `detr_train.config.augment`, which also explains how pixel
 sizes scale with the epoch's training size). An `Augmenter` turns one decoded image and
 its boxes into the final training image: the collator then only normalises and pads.
 
@@ -40,7 +40,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision import tv_tensors
 
-from detr_train.data.augment_config import AugmentConfig, augment_config_from
+from detr_train.config.augment import AugmentConfig, augment_config_from
 
 log = logging.getLogger(__name__)
 

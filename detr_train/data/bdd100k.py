@@ -1,4 +1,4 @@
-"""BDD100K detection labels -> COCO json, and the preparation step behind `data=bdd100k`.
+"""BDD100K detection labels -> COCO json.
 
 Input is the official detection label format (`labels/det_20/det_{train,val}.json`): a
 JSON list of frames, each `{"name": ..., "attributes": {...}, "labels": [...]}`, each
@@ -39,32 +39,22 @@ Bad input, and what happens (nothing is written when an error is raised):
   out; `DatasetError` if none of the listed images exists (wrong folder); an image that
   exists but cannot be read: `DatasetError` naming it.
 
-`prepare(data_cfg)` is what `detr_train.data.sources.prepare_dataset` calls for
-`data.name == "bdd100k"`: it checks the standard layout under `data.root`
-(`images/100k/{train,val}`, `labels/det_20/det_{train,val}.json`), converts each label
-file on first use into `<labels dir>/coco/<stem>_<uncertain>.json` (reused while newer
-than its source) and returns the COCO paths. Annotation files that are already COCO
-json are used as they are.
-
-Command line: `detr-train-bdd2coco det_val.json det_val_coco.json [--images-dir DIR]
-[--uncertain {ignore,remove,merge}]` (or `python -m detr_train.data.bdd100k`).
+`data=bdd100k` prepares the dataset with `detr_train.data.bdd100k_layout`.
+Command line: `detr-train-bdd2coco` (`detr_train.cli.bdd2coco`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
-import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detr_train.atomic import atomic_write
-from detr_train.data.sources import DatasetError, SplitPaths, resolve_under_root
+from detr_train.checkpointing.atomic import atomic_write
+from detr_train.data.bdd100k_frames import box_corners, frame_labels, frame_location, frame_name, image_size, is_crowd, load_bdd_frames
+from detr_train.data.sources import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +104,7 @@ LEGACY_NAMES: dict[str, str] = {
     "caravan": "car",
 }
 
-DEFAULT_WIDTH, DEFAULT_HEIGHT = 1280, 720
 DESCRIPTION = "BDD100K detection labels converted to COCO by detr_train"
-
-# Layout of the official download, relative to data.root (also the config defaults).
-STANDARD_LAYOUT = (
-    "<root>/images/100k/{train,val}/*.jpg\n"
-    "<root>/labels/det_20/det_{train,val}.json"
-)
 
 _EXAMPLES_SHOWN = 5  # how many offending items a warning or error lists by name
 
@@ -197,16 +180,16 @@ def convert_frames(
     annotations: list[dict[str, Any]] = []
 
     for index, frame in enumerate(frames):
-        where = _frame_location(source, index, frame)
-        name = _frame_name(frame, where)
-        size = _image_size(frame, name, images_dir, where)
+        where = frame_location(source, index, frame)
+        name = frame_name(frame, where)
+        size = image_size(frame, name, images_dir, where)
         if size is None:
             stats.missing_images.append(name)
             continue
         image_id = len(images) + 1
         width, height = size
         images.append({"id": image_id, "file_name": name, "width": width, "height": height})
-        for label in _frame_labels(frame, where):
+        for label in frame_labels(frame, where):
             annotation = _label_annotation(label, uncertain, stats, unknown, f"{where}, label")
             if annotation is not None:
                 annotation.update(id=len(annotations) + 1, image_id=image_id)
@@ -245,7 +228,7 @@ def _label_annotation(
         # Lanes and drivable areas (poly2d only) in the older combined files.
         stats.without_box += 1
         return None
-    corners = _box_corners(label["box2d"], where)
+    corners = box_corners(label["box2d"], where)
     category = label.get("category")
     if not isinstance(category, str):
         raise DatasetError(f"{where}: 'category' must be a string, got {category!r}")
@@ -267,7 +250,7 @@ def _label_annotation(
         return None
 
     ignore = is_uncertain and uncertain == "ignore"
-    crowd = _is_crowd(label, where)
+    crowd = is_crowd(label, where)
     stats.crowd += crowd
     stats.ignore_regions += ignore
     stats.merged += is_uncertain and uncertain == "merge"
@@ -314,118 +297,6 @@ class _UnknownCategories:
         raise DatasetError(
             f"{source}: unknown BDD100K categories:\n{listing}\nKnown categories: {known}"
         )
-
-
-def _frame_location(source: str, index: int, frame: Any) -> str:
-    name = frame.get("name") if isinstance(frame, dict) else None
-    return f"{source}: frame {index}" + (f" ({name})" if isinstance(name, str) else "")
-
-
-def _frame_name(frame: Any, where: str) -> str:
-    if not isinstance(frame, dict):
-        raise DatasetError(f"{where}: expected an object with 'name' and 'labels', got {type(frame).__name__}")
-    name = frame.get("name")
-    if not isinstance(name, str) or not name:
-        raise DatasetError(f"{where}: 'name' (the image file name) is missing or not a string")
-    return name
-
-
-def _frame_labels(frame: dict[str, Any], where: str) -> list[Any]:
-    labels = frame.get("labels")
-    if labels is None:  # frames without objects: absent or null in the official files
-        return []
-    if not isinstance(labels, list):
-        raise DatasetError(f"{where}: 'labels' must be a list, got {type(labels).__name__}")
-    return labels
-
-
-def _box_corners(box: Any, where: str) -> tuple[float, float, float, float]:
-    if not isinstance(box, dict):
-        raise DatasetError(f"{where}: 'box2d' must be an object with x1, y1, x2, y2")
-    corners = []
-    for key in ("x1", "y1", "x2", "y2"):
-        value = box.get(key)
-        if not _is_number(value):
-            raise DatasetError(f"{where}: box2d.{key} must be a finite number, got {value!r}")
-        corners.append(value)
-    return tuple(corners)  # type: ignore[return-value]
-
-
-def _is_number(value: Any) -> bool:
-    # JSON true/false parse as bool, a subclass of int: not a coordinate.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_crowd(label: dict[str, Any], where: str) -> bool:
-    attributes = label.get("attributes")
-    if attributes is None:
-        return False
-    if not isinstance(attributes, dict):
-        raise DatasetError(f"{where}: 'attributes' must be an object, got {type(attributes).__name__}")
-    return bool(attributes.get("crowd", False))
-
-
-def _image_size(
-    frame: dict[str, Any], name: str, images_dir: Path | None, where: str
-) -> tuple[int, int] | None:
-    """(width, height) of a frame's image, or None when its file is missing."""
-    if images_dir is not None and not (images_dir / name).is_file():
-        return None
-    if frame.get("size") is not None:
-        return _declared_size(frame["size"], where)
-    if images_dir is not None:
-        return _read_image_size(images_dir / name)
-    return DEFAULT_WIDTH, DEFAULT_HEIGHT
-
-
-def _declared_size(size: Any, where: str) -> tuple[int, int]:
-    if not isinstance(size, dict):
-        raise DatasetError(f"{where}: 'size' must be an object with width and height")
-    values = []
-    for key in ("width", "height"):
-        value = size.get(key)
-        if not _is_number(value) or value <= 0 or value != int(value):
-            raise DatasetError(f"{where}: size.{key} must be a positive integer, got {value!r}")
-        values.append(int(value))
-    return values[0], values[1]
-
-
-def _read_image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image  # imported here: `--help` should not pay for it
-
-    try:
-        with Image.open(path) as image:  # reads the header only, not the pixels
-            return image.size
-    except OSError as error:
-        raise DatasetError(f"cannot read image {path}: {error}") from error
-
-
-# --------------------------------------------------------------------------------------
-# Files
-
-
-def load_bdd_frames(path: Path) -> list[Any]:
-    """Parse a BDD100K label file into its list of frames, with clear format errors."""
-    try:
-        with open(path, encoding="utf-8-sig") as file:
-            data = json.load(file)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"{path}: not valid JSON ({error})") from error
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not a UTF-8 JSON text file ({error})") from error
-    if isinstance(data, dict) and isinstance(data.get("frames"), list):
-        return data["frames"]  # Scalabel's dataset wrapper: {"config": ..., "frames": [...]}
-    if isinstance(data, dict) and "images" in data and "annotations" in data:
-        raise DatasetError(
-            f"{path}: this is already COCO json (it has 'images' and 'annotations'); "
-            "use it directly as data.train_ann / data.val_ann"
-        )
-    if not isinstance(data, list):
-        raise DatasetError(
-            f"{path}: expected the BDD100K detection format, a JSON list of frames "
-            f"({{'name', 'labels'}}), got a JSON {type(data).__name__}"
-        )
-    return data
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -494,152 +365,3 @@ def _warn_with_examples(items: list[str], what: str) -> None:
 
 # --------------------------------------------------------------------------------------
 # data=bdd100k
-
-
-def prepare(data_cfg) -> SplitPaths:
-    """Check the BDD100K layout under `data.root`, convert labels if needed, return COCO paths.
-
-    Each `*_ann` may be an official BDD100K label file (converted once into a cache,
-    `data.cache_dir` or `<labels dir>/coco/`) or an already-converted COCO json (used as
-    is). Raises `DatasetError` listing every missing path when the layout is wrong.
-    """
-    root = Path(str(data_cfg.root)).expanduser()
-    uncertain = check_uncertain_handling(str(data_cfg.get("uncertain", "ignore")))
-    cache_dir = data_cfg.get("cache_dir")
-    paths = SplitPaths(
-        train_images=resolve_under_root(root, data_cfg.train_images),
-        train_ann=resolve_under_root(root, data_cfg.train_ann),
-        val_images=resolve_under_root(root, data_cfg.val_images),
-        val_ann=resolve_under_root(root, data_cfg.val_ann),
-    )
-    check_layout(root, paths)
-    cache = None if cache_dir is None else resolve_under_root(root, cache_dir)
-    return SplitPaths(
-        train_images=paths.train_images,
-        train_ann=coco_annotations(paths.train_ann, paths.train_images, uncertain, cache),
-        val_images=paths.val_images,
-        val_ann=coco_annotations(paths.val_ann, paths.val_images, uncertain, cache),
-    )
-
-
-def check_layout(root: Path, paths: SplitPaths) -> None:
-    """Raise one DatasetError that lists everything missing, not just the first thing."""
-    missing = []
-    if not root.is_dir():
-        missing.append(f"data.root: {root} (not a folder)")
-    for key, path, want_dir in (
-        ("data.train_images", paths.train_images, True),
-        ("data.val_images", paths.val_images, True),
-        ("data.train_ann", paths.train_ann, False),
-        ("data.val_ann", paths.val_ann, False),
-    ):
-        if not (path.is_dir() if want_dir else path.is_file()):
-            missing.append(f"{key}: {path} ({'folder' if want_dir else 'file'})")
-    if missing:
-        raise DatasetError(
-            f"BDD100K dataset under {root} is incomplete; missing:\n"
-            + "\n".join(f"  - {line}" for line in missing)
-            + f"\nExpected the official layout:\n{STANDARD_LAYOUT}\n"
-            "Set data.root to the folder that holds images/ and labels/, or point "
-            "data.train_images / data.val_images / data.train_ann / data.val_ann at your "
-            "files (relative to data.root or absolute; *_ann may also be COCO json)."
-        )
-
-
-def coco_annotations(ann_path: Path, images_dir: Path, uncertain: str, cache_dir: Path | None) -> Path:
-    """The COCO json for one split: the file itself if it is COCO, else its cached conversion."""
-    if label_file_kind(ann_path) == "coco":
-        log.info("using COCO annotations %s as they are", ann_path)
-        return ann_path
-    cache_dir = cache_dir if cache_dir is not None else ann_path.parent / "coco"
-    cached = cache_dir / f"{ann_path.stem}_{uncertain}.json"
-    if cached.is_file() and cached.stat().st_mtime >= ann_path.stat().st_mtime:
-        log.info("using converted labels %s (delete it to convert %s again)", cached, ann_path)
-        return cached
-    try:
-        convert_file(ann_path, cached, uncertain=uncertain, images_dir=images_dir)
-    except OSError as error:
-        raise DatasetError(
-            f"cannot write converted labels to {cached} ({error}); set data.cache_dir to a "
-            "writable folder"
-        ) from error
-    return cached
-
-
-_FIRST_KEY = re.compile(r'^\{\s*"((?:[^"\\]|\\.)*)"')
-
-
-def label_file_kind(path: Path) -> str:
-    """'bdd' or 'coco', from the start of the file (label files are too big to parse twice).
-
-    BDD100K files are a JSON list of frames, or Scalabel's {"config"/"frames": ...}
-    object; any other JSON object is taken for COCO json.
-    """
-    with open(path, "rb") as file:
-        head = file.read(4096).decode("utf-8-sig", errors="replace").lstrip()
-    if head.startswith("["):
-        return "bdd"
-    if head.startswith("{"):
-        match = _FIRST_KEY.match(head)
-        return "bdd" if match and match.group(1) in ("frames", "config", "groups") else "coco"
-    raise DatasetError(f"{path}: not a JSON label file (it should start with '[' or '{{')")
-
-
-# --------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="detr-train-bdd2coco",
-        description=(
-            "Convert BDD100K detection labels (labels/det_20/det_{train,val}.json) to COCO "
-            "json with the ten det_20 classes (ids 1-10: "
-            + ", ".join(CATEGORIES)
-            + "). Boxes become [x, y, x2-x1+1, y2-y1+1] as in the official toolkit."
-        ),
-        epilog=(
-            "example: detr-train-bdd2coco bdd100k/labels/det_20/det_val.json det_val_coco.json "
-            "--images-dir bdd100k/images/100k/val"
-        ),
-    )
-    parser.add_argument("input", type=Path, help="BDD100K label json (a list of frames)")
-    parser.add_argument("output", type=Path, help="COCO json to write (replaced atomically)")
-    parser.add_argument(
-        "--images-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help=(
-            "folder with the images: frames whose image is missing are dropped (with a "
-            "warning) and frames without a 'size' get their real size from the file; "
-            "without it every frame is taken as 1280x720 unless it has a 'size'"
-        ),
-    )
-    parser.add_argument(
-        "--uncertain",
-        choices=UNCERTAIN_HANDLINGS,
-        default="ignore",
-        help=(
-            "what to do with 'other person', 'other vehicle' and 'trailer': ignore = keep "
-            "as ignore regions of the nearest class (iscrowd=1; COCOeval neither rewards "
-            "nor penalises detections there; default), remove = drop them, merge = count "
-            "them as pedestrian / car / truck"
-        ),
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        convert_file(args.input, args.output, uncertain=args.uncertain, images_dir=args.images_dir)
-    except (DatasetError, OSError) as error:
-        log.error("%s", error)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,18 +41,3 @@ def coco_paths(data_cfg) -> SplitPaths:
         val_images=resolve_under_root(root, data_cfg.val_images),
         val_ann=resolve_under_root(root, data_cfg.val_ann),
     )
-
-
-def prepare_dataset(data_cfg) -> SplitPaths:
-    """Make the dataset ready on disk (generating or converting if needed) and return its paths."""
-    name = str(data_cfg.name)
-    if name == "synthetic":
-        from detr_train.data.synthetic import ensure_synthetic_dataset
-
-        ensure_synthetic_dataset(data_cfg)
-        return coco_paths(data_cfg)
-    if name == "bdd100k":
-        from detr_train.data.bdd100k import prepare
-
-        return prepare(data_cfg)
-    return coco_paths(data_cfg)

@@ -1,7 +1,8 @@
 """The search's part in a training run: a callback that reports validation mAP to the trial
 and ends the run when Optuna prunes it.
 
-The CLI adds it to a run inside a search (`trial.number` set); training never imports it.
+`detr_train.cli.callbacks` adds it to a run inside a search (`trial.number` set);
+training never imports it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from detr_train.callbacks import Callback, EpochResult
+from detr_train.training.callbacks import Callback, EpochResult
 from detr_train.search.reporter import Reporter, reporter_for
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,11 @@ class ReportToTrial(Callback):
         self.reporter = reporter
 
     def on_epoch_end(self, trainer, result: EpochResult) -> None:
-        if result.metrics is None:
+        if not result.evaluated:
             return
-        self.reporter.report(result.epoch, result.metrics["map"])
+        self.reporter.report(result.epoch, result.map)
         if trainer.stop_request is None and result.epoch < trainer.epochs and self.reporter.should_prune():
-            log.info("Trial pruned by the search after epoch %d (mAP %.4f)", result.epoch, result.metrics["map"])
+            log.info("Trial pruned by the search after epoch %d (mAP %.4f)", result.epoch, result.map)
             trainer.request_stop("pruned by the search", interrupted=False)
 
     def on_interrupt(self, trainer, where: str) -> None:

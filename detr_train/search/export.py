@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from detr_train.atomic import atomic_write
+from detr_train.checkpointing.atomic import atomic_write
 from detr_train.search import attrs
 from detr_train.search.overrides import override
 

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
-from detr_train.atomic import atomic_write
+from detr_train.checkpointing.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

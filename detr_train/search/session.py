@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -30,9 +30,21 @@ from detr_train.search.space import SearchSpace, describe, parse_search_space
 from detr_train.search.storage import count_trials, open_storage, redact, resolve_storage_url
 
 if TYPE_CHECKING:
-    from detr_train.search.sweeper import OptunaSearchSweeper
+    from hydra.core.plugins import HydraContext
+    from hydra.plugins.launcher import Launcher
 
 log = logging.getLogger(__name__)
+
+
+class OptunaSearchSweeper(Protocol):
+    """What a session uses of the Hydra sweeper plugin that opens it (`search.sweeper`)."""
+
+    settings: Any  # its SweepSettings: the sweep's own options, checked
+    config: DictConfig
+    hydra_context: HydraContext
+    launcher: Launcher
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None: ...
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 TRIAL_KEYS = ("study_name", "storage", "number")
