@@ -86,15 +86,15 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
+from detr_train.checkpointing.state import TrainState
 from detr_train.config import config_dir
-from detr_train.training.loop import NonFinitePolicy, TrainStep, to_device
+from detr_train.modeling.build import build_image_processor, build_model
 from detr_train.modeling.fast_paths import apply_fast_paths, set_tf32
 from detr_train.modeling.kernels import deformable_attention
 from detr_train.modeling.kernels.selection import install_attention_kernel
-from detr_train.modeling.build import build_image_processor, build_model
-from detr_train.training.optim import LRSchedule, build_optimizer
 from detr_train.modeling.precision import resolve_precision
-from detr_train.checkpointing.state import TrainState
+from detr_train.training.loop import NonFiniteGuard, TrainStep, to_device
+from detr_train.training.optim import LRSchedule, build_optimizer
 
 MODEL_CONFIGS = {"r50": "deformable_detr", "tiny": "deformable_detr_tiny"}
 CLASS_NAMES = [f"class_{index}" for index in range(10)]
@@ -346,7 +346,7 @@ def build_train_step(model: torch.nn.Module, setup: Setup, cfg, device: torch.de
         model, optimizer, schedule, resolve_precision(train_cfg.amp, train_cfg.amp_dtype, device),
         grad_clip=train_cfg.grad_clip,
         # A random-init model may well produce a non-finite loss: count it, never stop the benchmark.
-        nonfinite=NonFinitePolicy("skip", max_in_a_row=10**9),
+        nonfinite=NonFiniteGuard(max_in_a_row=10**9),
         device=device, criterion=setup.criterion, channels_last=setup.channels_last,
     )
 

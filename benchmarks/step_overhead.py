@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from detr_train.checkpointing.state import TrainState
 from detr_train.config import config_dir
 from detr_train.training.loop import EpochPlan, to_device, train_one_epoch
-from detr_train.checkpointing.state import TrainState
 from detr_train.training.trainer import Trainer
 
 

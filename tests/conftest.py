@@ -36,6 +36,17 @@ SMALL_SYNTHETIC = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_trainer(the_plan):
     """The Trainer `detr-train` builds for a plan: with the callbacks its config asks for.
     A new run in a folder is `make_trainer(Plan(cfg, run_dir))`."""

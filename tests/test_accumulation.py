@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from detr_train.config.schema import ScheduleConfig, ScheduleName
-from detr_train.training.loop import NonFinitePolicy, TrainStep
-from detr_train.modeling.fast_paths import apply_fast_paths
-from detr_train.modeling.build import build_model
-from detr_train.training.optim import LRSchedule
-from detr_train.modeling.precision import resolve_precision
 from detr_train.checkpointing.state import TrainState
+from detr_train.config.schema import ScheduleConfig, ScheduleName
+from detr_train.modeling.build import build_model
+from detr_train.modeling.fast_paths import apply_fast_paths
+from detr_train.modeling.precision import resolve_precision
+from detr_train.training.loop import NonFiniteGuard, TrainStep
+from detr_train.training.optim import LRSchedule
 from tests.conftest import compose_config
 
 CLASSES = ["a", "b", "c"]
@@ -52,7 +52,7 @@ def _step_for(model, *model_overrides: str) -> TrainStep:
     constant = ScheduleConfig(name=ScheduleName.constant, warmup_steps=0, step_epochs=[], gamma=0.1, min_lr_ratio=0.0)
     return TrainStep(model, optimizer, LRSchedule(optimizer, constant, total_steps=1, steps_per_epoch=1),
                      resolve_precision(False, "bfloat16", torch.device("cpu")), grad_clip=0.0,
-                     nonfinite=NonFinitePolicy(), device=torch.device("cpu"), criterion=paths.criterion)
+                     nonfinite=NonFiniteGuard(), device=torch.device("cpu"), criterion=paths.criterion)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])

@@ -13,12 +13,12 @@ import torchvision.transforms.v2.functional as F
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from detr_train.data.augment import Augmenter
 from detr_train.config.augment import (
     AugmentConfig,
     augment_config_from,
     validate_augment_config,
 )
+from detr_train.data.augment import Augmenter
 
 PRESETS = Path(__file__).resolve().parent.parent / "conf" / "data" / "augment"
 RATIO = 1.667

@@ -52,7 +52,7 @@ CONFIG_MISTAKES = [
     (["model.num_queries=0"], "model.num_queries must be >= 1, got 0"),
     (["model.dropout=1.5"], "model.dropout must be in [0, 1)"),
     (["model.backbone.norm=batch"], "model.backbone.norm=batch"),
-    (["model.attention_kernel=cuda"], "model.attention_kernel must be one of auto, triton, pytorch, got 'cuda'"),
+    (["model.attention_kernel=cuda"], "model.attention_kernel=cuda Invalid value 'cuda', expected one of [auto, triton, pytorch]"),
     (["model.loss.class_cost=2.5"], "model.loss.class_cost must be a whole number"),
     (["data.image_size=0"], "data.image_size must be >= 1, got 0"),
     (["data.max_size_ratio=0.5"], "data.max_size_ratio must be >= 1"),

@@ -14,8 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from detr_train.data import bdd100k, bdd100k_frames, bdd100k_layout
 from detr_train.cli import bdd2coco
+from detr_train.data import bdd100k, bdd100k_frames, bdd100k_layout
 from detr_train.data.prepare import prepare_dataset
 from detr_train.data.sources import DatasetError
 
@@ -450,9 +450,9 @@ def detections_on(ann_file: Path, score: float, **where) -> list[dict]:
 
 
 def evaluate(dataset, ann_file: Path, detections: list[dict]) -> dict:
-    from detr_train.evaluation.coco import coco_evaluate, load_coco_ground_truth
+    from detr_train.evaluation.coco import load_coco_ground_truth, score_detections
 
-    return coco_evaluate(load_coco_ground_truth(ann_file), detections, dataset.image_ids)
+    return score_detections(load_coco_ground_truth(ann_file), detections, dataset.image_ids).metrics
 
 
 def test_round_trip_perfect_predictions_score_map_one(bdd_tree):

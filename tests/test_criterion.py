@@ -441,7 +441,7 @@ def test_sync_free_encoder_layer_keeps_gradient_checkpointing():
 
 # --- on a GPU: count the syncs --------------------------------------------------------
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+requires_cuda = pytest.mark.gpu
 
 
 class SyncCounter:

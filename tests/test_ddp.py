@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from detr_train.checkpointing.plan import Plan
 from detr_train.checkpointing import format as ckpt
+from detr_train.checkpointing.plan import Plan
 from detr_train.data.sampling import EpochBatchSampler
-from detr_train.evaluation.coco import coco_evaluate, load_coco_ground_truth
-from tests.conftest import REPO_ROOT, compose_config, run_cli, make_trainer
+from detr_train.evaluation.coco import load_coco_ground_truth, score_detections
+from tests.conftest import REPO_ROOT, compose_config, make_trainer, run_cli
 
 
 def _free_port() -> int:
@@ -49,8 +49,8 @@ def _noisy_detections(coco_gt, seed: int) -> list[dict]:
 def _gathered_eval_worker(rank: int, world_size: int, port: int, val_ann: str, out: str) -> None:
     import torch.distributed as dist
 
-    from detr_train.evaluation.coco import gathered_coco_evaluate
     from detr_train.distributed.launch import DistContext
+    from detr_train.evaluation.coco import gathered_scores
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
@@ -59,7 +59,7 @@ def _gathered_eval_worker(rank: int, world_size: int, port: int, val_ann: str, o
         # Each rank holds the detections of its strided share of the images, as the val sampler gives it.
         mine = set(image_ids[rank::world_size])
         local = [d for d in _noisy_detections(coco_gt, seed=7) if d["image_id"] in mine]
-        metrics = gathered_coco_evaluate(coco_gt, local, image_ids, DistContext(rank, world_size, rank))
+        metrics = gathered_scores(coco_gt, local, image_ids, DistContext(rank, world_size, rank)).metrics
         Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
     finally:
         dist.destroy_process_group()
@@ -69,7 +69,7 @@ def test_gathered_evaluation_equals_a_single_process_evaluation(synthetic_root, 
     val_ann = synthetic_root / "annotations" / "val.json"
     mp.spawn(_gathered_eval_worker, args=(2, _free_port(), str(val_ann), str(tmp_path)), nprocs=2, join=True)
     coco_gt = load_coco_ground_truth(val_ann)
-    single = coco_evaluate(coco_gt, _noisy_detections(coco_gt, seed=7), sorted(coco_gt.getImgIds()))
+    single = score_detections(coco_gt, _noisy_detections(coco_gt, seed=7), sorted(coco_gt.getImgIds())).metrics
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert 0.1 < single["map"] < 0.95  # a real, non-degenerate score

@@ -14,8 +14,8 @@ from pycocotools.cocoeval import COCOeval
 
 from detr_train.data.coco import CocoDetectionDataset, SampleRequest
 from detr_train.data.collate import DetrCollator
+from detr_train.evaluation.coco import STAT_NAMES, load_coco_ground_truth, score_detections
 from detr_train.evaluation.evaluator import predict
-from detr_train.evaluation.coco import STAT_NAMES, coco_evaluate, load_coco_ground_truth
 from detr_train.modeling.build import build_image_processor
 from detr_train.modeling.precision import resolve_precision
 
@@ -52,7 +52,7 @@ def test_perfect_predictions_through_the_model_path_give_map_1(synthetic_root, s
     detections = predict(_OracleModel(batches), batches, processor,
                          resolve_precision(False, "bfloat16", torch.device("cpu")), torch.device("cpu"),
                          dataset.categories.category_id)
-    metrics = coco_evaluate(load_coco_ground_truth(ann), detections, dataset.image_ids)
+    metrics = score_detections(load_coco_ground_truth(ann), detections, dataset.image_ids).metrics
     assert metrics["map"] == pytest.approx(1.0)
     assert metrics["map_50"] == pytest.approx(1.0)
     assert all(ap == pytest.approx(1.0) for ap in metrics["map_per_class"].values())
@@ -85,7 +85,7 @@ def _hand_built(tmp_path):
 
 def test_reported_numbers_equal_pycocotools(tmp_path):
     path, detections = _hand_built(tmp_path)
-    ours = coco_evaluate(load_coco_ground_truth(path), detections, [1, 2])
+    ours = score_detections(load_coco_ground_truth(path), detections, [1, 2]).metrics
     with contextlib.redirect_stdout(io.StringIO()):
         gt = load_coco_ground_truth(path)
         reference = COCOeval(gt, gt.loadRes(detections), "bbox")
@@ -103,5 +103,5 @@ def test_reported_numbers_equal_pycocotools(tmp_path):
 
 def test_no_detections_score_zero(tmp_path):
     path, _ = _hand_built(tmp_path)
-    metrics = coco_evaluate(load_coco_ground_truth(path), [], [1, 2])
+    metrics = score_detections(load_coco_ground_truth(path), [], [1, 2]).metrics
     assert metrics["map"] == 0.0 and metrics["map_per_class"] == {"a": 0.0, "b": 0.0}

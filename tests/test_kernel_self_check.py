@@ -15,7 +15,11 @@ import torch
 
 from detr_train.errors import ConfigError
 from detr_train.modeling.kernels import selection, self_check
-from detr_train.modeling.kernels.deformable_attention import TritonMultiScaleDeformableAttention, check_inputs, ms_deform_attn
+from detr_train.modeling.kernels.deformable_attention import (
+    TritonMultiScaleDeformableAttention,
+    check_inputs,
+    ms_deform_attn,
+)
 
 CPU = torch.device("cpu")
 SHAPES = [(4, 6), (2, 3), (1, 1)]  # 24 + 6 + 1 = 31 keys

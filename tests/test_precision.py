@@ -8,12 +8,12 @@ import types
 import pytest
 import torch
 
-from detr_train.config.schema import ScheduleConfig, ScheduleName
-from detr_train.training.loop import EpochPlan, NonFiniteLossError, NonFinitePolicy, TrainStep, train_one_epoch
-from detr_train.modeling.build import build_model
-from detr_train.training.optim import LRSchedule
-from detr_train.modeling.precision import resolve_precision
 from detr_train.checkpointing.state import TrainState
+from detr_train.config.schema import ScheduleConfig, ScheduleName
+from detr_train.modeling.build import build_model
+from detr_train.modeling.precision import resolve_precision
+from detr_train.training.loop import EpochPlan, NonFiniteGuard, NonFiniteLossError, TrainStep, train_one_epoch
+from detr_train.training.optim import LRSchedule
 from tests.conftest import compose_config
 
 
@@ -78,7 +78,7 @@ def _train(model, nonfinite, max_steps=5):
     constant = ScheduleConfig(name=ScheduleName.constant, warmup_steps=0, step_epochs=[], gamma=0.1, min_lr_ratio=0.0)
     step = TrainStep(model, optimizer, LRSchedule(optimizer, constant, total_steps=4, steps_per_epoch=4),
                      resolve_precision(False, "bfloat16", torch.device("cpu")), grad_clip=1.0,
-                     nonfinite=NonFinitePolicy(nonfinite, max_steps), device=torch.device("cpu"))
+                     nonfinite=NonFiniteGuard(nonfinite, max_steps), device=torch.device("cpu"))
     state = TrainState()
     train_one_epoch(step, _batches(4), state, EpochPlan(epoch=1, total_batches=4), lambda: False)
     return state.meter

@@ -13,9 +13,8 @@ import time
 import pytest
 import torch
 
-from detr_train.checkpointing.plan import Plan
+from detr_train.checkpointing.plan import Plan, plan
 from detr_train.modeling.build import PretrainedUnavailableError, build_model
-from detr_train.checkpointing.plan import plan
 from detr_train.training.trainer import Trainer
 from tests.conftest import compose_config, make_trainer
 

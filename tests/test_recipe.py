@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from detr_train.checkpointing.plan import Plan
 from detr_train.checkpointing import format as ckpt
+from detr_train.checkpointing.plan import Plan, plan
 from detr_train.training.callbacks import EarlyStopping, EpochResult
-from detr_train.checkpointing.plan import plan
 from detr_train.training.trainer import Trainer
 from tests.conftest import compose_config, make_trainer
 

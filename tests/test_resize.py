@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from detr_train.checkpointing.plan import Plan
-from detr_train.checkpointing.plan import plan
+from detr_train.checkpointing.plan import Plan, plan
 from detr_train.config.resize_schedule import ResizeScheduleError, validate_resize_schedule
 from detr_train.training.resize import size_for_epoch
 from tests.conftest import compose_config, make_trainer

@@ -11,11 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detr_train.checkpointing.plan import Plan
 from detr_train.checkpointing import format as ckpt
-from detr_train.checkpointing.plan import plan
+from detr_train.checkpointing.plan import Plan, plan
 from detr_train.training.trainer import Trainer
-from tests.conftest import SMALL_SYNTHETIC, compose_config, run_cli, make_trainer
+from tests.conftest import SMALL_SYNTHETIC, compose_config, make_trainer, run_cli
 
 # LR schedules that depend only on the step (not on the total length) make
 # "2 epochs, then 2 more" the same run as "4 epochs".

@@ -6,6 +6,7 @@ looks at what landed in the run directory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -17,13 +18,12 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from detr_train.checkpointing.plan import Plan
+from detr_train.checkpointing.plan import Plan, plan
 from detr_train.cli import train as cli
-from detr_train.reporting import drawing, plots
-from detr_train.reporting import tensorboard as tb_module
 from detr_train.config.checks import TENSORBOARD_MISSING
 from detr_train.errors import ConfigError
-from detr_train.checkpointing.plan import plan
+from detr_train.reporting import drawing, plots
+from detr_train.reporting import tensorboard as tb_module
 from detr_train.reporting.visual_callbacks import EvaluationPlots, TrainingCurves, visual_callbacks
 from tests.conftest import SMALL_SYNTHETIC, compose_config, make_trainer
 
@@ -80,7 +80,7 @@ def _spy(monkeypatch, name: str) -> list[dict]:
 def pictured_run(synthetic_root, tmp_path_factory):
     """One run with every picture switched on (TensorBoard where installed)."""
     run_dir = tmp_path_factory.mktemp("pictured") / "run"
-    with_tensorboard = tb_module.tensorboard_available()
+    with_tensorboard = importlib.util.find_spec("tensorboard") is not None
     cfg = compose_config(_overrides(synthetic_root, f"training.vis_images={VIS_IMAGES}",
                                     # Every predicted box drawn: a barely trained model scores low.
                                     "training.vis_score_threshold=0.0", f"training.tensorboard={with_tensorboard}"))
@@ -250,7 +250,8 @@ def _hide_tensorboard(monkeypatch) -> None:
     # None in sys.modules makes an import of these names fail, as if they were not installed.
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     monkeypatch.setitem(sys.modules, "tensorboard", None)
-    assert not tb_module.tensorboard_available()
+    with pytest.raises(tb_module.MissingDependencyError):
+        tb_module.TensorBoardWriter(Path("never-made"))
 
 
 @pytest.mark.parametrize("overrides,named", [

@@ -14,9 +14,17 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_train.reporting.colors import class_color, class_palette
+from detr_train.reporting.colors import class_color
 from detr_train.reporting.drawing import draw_detections, save_image, side_by_side
-from detr_train.reporting.plots import IOU_50_INDEX, IOU_75_INDEX, MEAN_OVER_IOUS, plot_per_class_ap, plot_precision_recall, plot_training_curves, precision_recall_curves
+from detr_train.reporting.plots import (
+    IOU_50_INDEX,
+    IOU_75_INDEX,
+    MEAN_OVER_IOUS,
+    plot_per_class_ap,
+    plot_precision_recall,
+    plot_training_curves,
+    precision_recall_curves,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -69,10 +77,27 @@ def test_training_curves_of_no_records(tmp_path):
     assert _png_size(plot_training_curves([], tmp_path / "none.png"))[0] > 0
 
 
+# matplotlib's "tab:blue", the colour of every AP bar.
+BAR_RGB = (31, 119, 180)
+
+
+def _bar_lengths(path) -> list[int]:
+    """The AP bars of a per-class AP plot, top to bottom: each bar's length in pixels, from its
+    first to its last pixel of the exact bar colour along its middle row (grid lines may cross
+    it; anti-aliased edges are not the exact colour)."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    is_bar = (pixels == BAR_RGB).all(axis=2)
+    rows = np.flatnonzero(is_bar.any(axis=1))
+    bands = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1) if len(rows) else []
+    middles = [np.flatnonzero(is_bar[band[len(band) // 2]]) for band in bands]
+    return [int(columns[-1] - columns[0] + 1) for columns in middles]
+
+
 @pytest.mark.parametrize("num_classes", [10, 80])
-def test_per_class_ap_with_classes_without_ground_truth(tmp_path, num_classes):
+def test_per_class_ap_bars_match_the_aps_best_first(tmp_path, num_classes):
     rng = np.random.default_rng(0)
-    aps = {f"class_{k}": float(rng.uniform(0, 0.9)) for k in range(num_classes)}
+    aps = {f"class_{k}": float(rng.uniform(0.05, 0.9)) for k in range(num_classes)}
     aps["class_3"] = -1.0
     aps["class_5"] = None  # a NaN AP after the metrics.jsonl round trip
     path = plot_per_class_ap(aps, tmp_path / "per_class_ap.png")
@@ -81,6 +106,16 @@ def test_per_class_ap_with_classes_without_ground_truth(tmp_path, num_classes):
     assert 600 <= width <= 1000
     assert height >= 1.4 * 100 + 0.2 * 100 * num_classes
     assert _temp_files(tmp_path) == []
+
+    # One bar per class with ground truth (n/a classes have none), best first, each as long as
+    # its AP: the lengths lie on a line through the origin (an edge pixel of anti-aliasing
+    # aside), within 3 pixels of ~600, where a grid line crosses a bar's end.
+    scored = sorted((ap for ap in aps.values() if ap is not None and ap >= 0), reverse=True)
+    lengths = np.array(_bar_lengths(path), dtype=float)
+    assert len(lengths) == len(scored)
+    slope, intercept = np.polyfit(scored, lengths, 1)
+    assert slope > 500 and abs(intercept) <= 3
+    assert np.abs(lengths - (slope * np.array(scored) + intercept)).max() <= 3, (lengths, scored)
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,8 +251,8 @@ def test_draw_detections_with_nothing_to_draw_returns_a_copy():
 
 
 def test_palette_is_fixed_and_distinct():
-    palette = class_palette(80)
-    assert palette == class_palette(80) and palette[:10] == class_palette(10)
+    palette = [class_color(k) for k in range(80)]
+    assert palette == [class_color(k) for k in range(80)] and palette[:10] == [class_color(k) for k in range(10)]
     assert len(set(palette)) == 80
     assert all(max(c) - min(c) > 40 for c in palette)  # saturated, never grey
 

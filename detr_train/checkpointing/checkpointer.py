@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from torch.distributed.checkpoint.stateful import Stateful
+
 from detr_train.checkpointing.atomic import atomic_write, remove_temp_files
 from detr_train.checkpointing.format import (
     KEY_CLASS_NAMES,
@@ -32,8 +34,8 @@ from detr_train.checkpointing.format import (
     save_checkpoint,
     train_state_of,
 )
+from detr_train.checkpointing.state import StateMismatch
 from detr_train.distributed.launch import SINGLE_PROCESS, DistContext
-from detr_train.checkpointing.state import Stateful, StateMismatch
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from detr_train.checkpointing.format import KEY_CONFIG_YAML, CheckpointError, load_checkpoint
 from detr_train.checkpointing.checkpointer import Found, first_intact, newest_resumable
+from detr_train.checkpointing.format import KEY_CONFIG_YAML, CheckpointError, load_checkpoint
 from detr_train.config.migrate import upgrade_config
 from detr_train.config.schema import Config
 

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from detr_train.checkpointing.atomic import atomic_write
-from detr_train.errors import DetrTrainError
 from detr_train.cli.common import add_common_arguments, claim_output_dir, refuse_taken_output, run_command
+from detr_train.errors import DetrTrainError
 
 log = logging.getLogger("detr_train.eval")
 
@@ -82,13 +82,13 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace, ctx) -> None:
-    from detr_train.distributed import collectives as distributed
     from detr_train.data.build import build_evaluation_data, evaluation_sampler, make_loader
     from detr_train.data.collate import DetrCollator
-    from detr_train.evaluation.evaluator import Evaluator
+    from detr_train.distributed import collectives as distributed
     from detr_train.evaluation.coco import format_per_class_table, load_coco_ground_truth
-    from detr_train.modeling.fast_paths import apply_fast_paths
+    from detr_train.evaluation.evaluator import Evaluator
     from detr_train.evaluation.inference import load_for_inference, locate_model
+    from detr_train.modeling.fast_paths import apply_fast_paths
     from detr_train.modeling.precision import resolve_precision
     from detr_train.training.runtime import resolve_device, show_progress
 

@@ -27,9 +27,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from detr_train.checkpointing.atomic import atomic_write
+from detr_train.cli.common import (
+    add_common_arguments,
+    claim_output_dir,
+    next_free_dir,
+    refuse_taken_output,
+    run_command,
+    split_overrides,
+)
 from detr_train.errors import DetrTrainError
-from detr_train.cli.common import (add_common_arguments, claim_output_dir, next_free_dir, refuse_taken_output,
-                                 run_command, split_overrides)
 
 log = logging.getLogger("detr_train.predict")
 
@@ -153,8 +159,8 @@ def _precision(amp: str, device: torch.device):
 
 def predict_images(args: argparse.Namespace) -> None:
     from detr_train.evaluation.evaluator import predict
-    from detr_train.modeling.fast_paths import apply_fast_paths
     from detr_train.evaluation.inference import load_for_inference
+    from detr_train.modeling.fast_paths import apply_fast_paths
     from detr_train.training.runtime import resolve_device, show_progress
 
     _check_arguments(args)

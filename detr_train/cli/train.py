@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from detr_train.config import config_dir
 from detr_train.config.preflight import preflight
-from detr_train.errors import DetrTrainError, ConfigError, exit_with_error, format_error, take_verbose_flag, verbose
 from detr_train.distributed.launch import DistContext, context_from_environment, launched_as_non_main_rank
+from detr_train.errors import ConfigError, DetrTrainError, exit_with_error, format_error, take_verbose_flag, verbose
 
 log = logging.getLogger("detr_train")
 
@@ -48,9 +48,9 @@ def train(cfg: DictConfig) -> float:
 
 
 def _train(cfg: DictConfig, fresh_dir: Path, ctx: DistContext) -> float:
-    from detr_train.distributed import collectives as distributed
-    from detr_train.config.checks import check_config
     from detr_train.cli.callbacks import build_callbacks
+    from detr_train.config.checks import check_config
+    from detr_train.distributed import collectives as distributed
     from detr_train.training.trainer import run
 
     # A search trial's sampled values reach the config only here.
@@ -71,9 +71,9 @@ def _train(cfg: DictConfig, fresh_dir: Path, ctx: DistContext) -> float:
 
 def _plan_on_every_rank(cfg: DictConfig, fresh_dir: Path, ctx: DistContext):
     """Rank 0 plans (and moves into the run dir it chose); the other ranks receive its plan."""
-    from detr_train.distributed import collectives as distributed
     from detr_train.checkpointing.plan import plan
     from detr_train.checkpointing.rundir import adopt_run_dir
+    from detr_train.distributed import collectives as distributed
 
     message = None
     if ctx.is_main:
@@ -95,10 +95,10 @@ def _plan_on_every_rank(cfg: DictConfig, fresh_dir: Path, ctx: DistContext):
 
 
 def _plan_from_main(cfg_container: dict, run_dir: str, checkpoint: str | None):
-    from detr_train.checkpointing.format import load_checkpoint
     from detr_train.checkpointing.checkpointer import Found
-    from detr_train.config.schema import Config
+    from detr_train.checkpointing.format import load_checkpoint
     from detr_train.checkpointing.plan import Plan
+    from detr_train.config.schema import Config
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg_container)
     found = None if checkpoint is None else Found(Path(checkpoint), load_checkpoint(Path(checkpoint)))

@@ -21,6 +21,7 @@ base size itself).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 # typing.List / Optional, not `list[int]` / `X | None`: what OmegaConf's structured configs read.
 from typing import Any, List, Optional
 

@@ -19,7 +19,6 @@ from detr_train.errors import ConfigError
 
 # transformers' DeformableDetrConfig stores these as int.
 WHOLE_LOSS_KEYS = ("class_cost", "bbox_cost", "giou_cost", "bbox_loss_coefficient", "giou_loss_coefficient")
-ATTENTION_KERNELS = ("auto", "triton", "pytorch")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 TENSORBOARD_MISSING = ("training.tensorboard=true needs the tensorboard package, which is not installed: "
                        "pip install 'detr-train[tensorboard]' (or set training.tensorboard=false)")
@@ -101,9 +100,6 @@ def check_config(cfg: DictConfig) -> None:
         if value is not None and not test(value):
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
     _check_device(cfg.training.device)
-    if cfg.model.attention_kernel not in ATTENTION_KERNELS:
-        raise ConfigError(f"model.attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
-                          f"got {cfg.model.attention_kernel!r}")
     _check_progress(cfg.training.progress)
     _check_tensorboard(cfg.training.tensorboard)
     _check_resize_schedule(cfg.training.resize_schedule)

@@ -11,6 +11,11 @@ from typing import Any
 
 def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
     """`saved` (a plain container) with renamed or moved keys in today's places."""
+    training = saved.get("training")
+    if isinstance(training, dict):
+        # Before the DETR recipe there was no EMA and no early stopping: both were off.
+        training.setdefault("ema", {"enabled": False, "decay": 0.999, "warmup_steps": 200, "eval_raw": False})
+        training.setdefault("early_stop", {"patience": 0, "min_delta": 0.0})
     data = saved.get("data")
     if isinstance(data, dict) and "hflip_prob" in data:
         # Format-1 checkpoints: the only augmentation was a flip, `data.hflip_prob`.

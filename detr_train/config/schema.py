@@ -43,6 +43,12 @@ class NonFinitePolicy(str, Enum):
     stop = "stop"
 
 
+class AttentionKernel(str, Enum):
+    auto = "auto"  # the fused Triton kernel on CUDA once it has passed its self-check, else pytorch
+    triton = "triton"
+    pytorch = "pytorch"
+
+
 class BackboneNorm(str, Enum):
     frozen_bn = "frozen_bn"
     batch_norm = "batch_norm"
@@ -103,7 +109,7 @@ class ModelConfig:
     two_stage: bool = MISSING
     auxiliary_loss: bool = MISSING
     # auto: the fused Triton kernel on CUDA, transformers' PyTorch function elsewhere.
-    attention_kernel: str = "auto"
+    attention_kernel: AttentionKernel = AttentionKernel.auto
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -170,18 +176,18 @@ class CheckpointConfig:
 class EmaConfig:
     """An exponential moving average of the weights, evaluated (and exported) instead of them."""
 
-    enabled: bool = False
-    decay: float = 0.999
-    warmup_steps: int = 200  # the decay ramps up as 1 - exp(-updates / warmup_steps)
-    eval_raw: bool = False  # also evaluate the raw weights (logged as raw_map, ...)
+    enabled: bool = MISSING
+    decay: float = MISSING
+    warmup_steps: int = MISSING  # the decay ramps up as 1 - exp(-updates / warmup_steps)
+    eval_raw: bool = MISSING  # also evaluate the raw weights (logged as raw_map, ...)
 
 
 @dataclass
 class EarlyStopConfig:
     """Stop when validation mAP has not improved by min_delta for `patience` evaluations (0: off)."""
 
-    patience: int = 0
-    min_delta: float = 0.0
+    patience: int = MISSING
+    min_delta: float = MISSING
 
 
 @dataclass

@@ -53,7 +53,15 @@ from pathlib import Path
 from typing import Any
 
 from detr_train.checkpointing.atomic import atomic_write
-from detr_train.data.bdd100k_frames import box_corners, frame_labels, frame_location, frame_name, image_size, is_crowd, load_bdd_frames
+from detr_train.data.bdd100k_frames import (
+    box_corners,
+    frame_labels,
+    frame_location,
+    frame_name,
+    image_size,
+    is_crowd,
+    load_bdd_frames,
+)
 from detr_train.data.sources import DatasetError
 
 log = logging.getLogger(__name__)

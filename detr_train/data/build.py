@@ -14,11 +14,11 @@ from detr_train.config.schema import BudgetConfig, DataConfig, TrainingConfig
 from detr_train.data.augment import Augmenter
 from detr_train.data.coco import CocoDetectionDataset
 from detr_train.data.collate import DetrCollator
-from detr_train.data.sampling import EpochBatchSampler, select_training_images
 from detr_train.data.prepare import prepare_dataset
+from detr_train.data.sampling import EpochBatchSampler, select_training_images
 from detr_train.data.sources import DatasetError, SplitPaths
-from detr_train.distributed.launch import DistContext
 from detr_train.data.workers import ignore_stop_signals
+from detr_train.distributed.launch import DistContext
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from detr_train.errors import DetrTrainError
 from detr_train.distributed.launch import SINGLE_PROCESS, DistContext, context_from_environment
+from detr_train.errors import DetrTrainError
 
 __all__ = ["SINGLE_PROCESS", "DistContext", "context_from_environment"]
 

@@ -69,25 +69,15 @@ class CocoScores:
     detections: list[dict] = field(default_factory=list)  # what was scored: every rank's (main process)
 
 
-def coco_evaluate(
-    coco_gt: COCO,
-    detections: Sequence[dict],
-    image_ids: Sequence[int],
-    *,
-    class_names: dict[int, str] | None = None,
-) -> dict:
-    """Score COCO-format detections (image_id, category_id, bbox xywh, score) on `image_ids`.
-
-    Returns a dict of floats named as in STAT_NAMES, plus `map_per_class` (name -> AP).
-    With no detections at all every score is 0 (COCOeval cannot load an empty result).
-    """
-    return score_detections(coco_gt, detections, image_ids, class_names=class_names).metrics
-
-
 def score_detections(
     coco_gt: COCO, detections: Sequence[dict], image_ids: Sequence[int], *, class_names: dict[int, str] | None = None,
 ) -> CocoScores:
-    """`coco_evaluate`, keeping COCOeval's precision array (for precision-recall curves)."""
+    """Score COCO-format detections (image_id, category_id, bbox xywh, score) on `image_ids`.
+
+    The metrics are floats named as in STAT_NAMES, plus `map_per_class` (name -> AP); COCOeval's
+    precision array is kept for precision-recall curves. With no detections at all every score
+    is 0 (COCOeval cannot load an empty result).
+    """
     image_ids = sorted(int(i) for i in image_ids)
     category_ids = sorted(coco_gt.getCatIds())
     names = class_names or {c["id"]: c["name"] for c in coco_gt.loadCats(category_ids)}
@@ -118,14 +108,9 @@ def format_per_class_table(map_per_class: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def gathered_coco_evaluate(coco_gt: COCO, local_detections: list[dict], image_ids: list[int], ctx: DistContext) -> dict:
-    """COCOeval once, on rank 0, over the detections of every rank's shard; the metrics on all ranks."""
-    return gathered_scores(coco_gt, local_detections, image_ids, ctx).metrics
-
-
 def gathered_scores(coco_gt: COCO, local_detections: list[dict], image_ids: list[int], ctx: DistContext) -> CocoScores:
-    """`gathered_coco_evaluate` with COCOeval's arrays and the gathered detections on rank 0
-    (the other ranks get the metrics only)."""
+    """COCOeval once, on rank 0, over the detections of every rank's shard: the metrics on all
+    ranks, COCOeval's arrays and the gathered detections on rank 0 only."""
     if not ctx.enabled:
         scores = score_detections(coco_gt, local_detections, image_ids)
         scores.detections = list(local_detections)

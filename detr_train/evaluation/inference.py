@@ -24,9 +24,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from detr_train.checkpointing.format import (KEY_CLASS_NAMES, KEY_MODEL_CONFIG, STATE_EMA, STATE_MODEL, CheckpointError,
-                                   load_checkpoint, train_state_of)
 from detr_train.checkpointing.checkpointer import BEST, CHECKPOINT_DIR, LAST, Found
+from detr_train.checkpointing.format import (
+    KEY_CLASS_NAMES,
+    KEY_MODEL_CONFIG,
+    STATE_EMA,
+    STATE_MODEL,
+    CheckpointError,
+    load_checkpoint,
+    train_state_of,
+)
 from detr_train.errors import ConfigError, DetrTrainError
 
 log = logging.getLogger(__name__)
@@ -84,8 +91,8 @@ def load_for_inference(path: Path, overrides: list[str], device: torch.device) -
 
 
 def _from_checkpoint(path: Path, overrides: list[str]) -> InferenceModel:
-    from detr_train.modeling.build import build_image_processor, build_model
     from detr_train.checkpointing.plan import checkpoint_config
+    from detr_train.modeling.build import build_image_processor, build_model
 
     payload = load_checkpoint(path)
     cfg = apply_overrides(checkpoint_config(Found(path, payload)), overrides)

@@ -63,9 +63,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 Labels = Sequence[Mapping[str, Tensor]]
 
@@ -297,7 +297,7 @@ class DeformableDetrCriterion:
         pred = layer_boxes.float()[..., :, None, :]  # [L, B, Q, 1, 4]
         target = target_boxes[None, :, None, :, :]  # [1, B, 1, T, 4]
         bbox_cost = (pred - target).abs().sum(-1)
-        giou_cost = -generalized_box_iou(center_to_corners(pred), center_to_corners(target))
+        giou_cost = -generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"))
 
         cost = self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * giou_cost
         max_value = torch.finfo(cost.dtype).max
@@ -329,13 +329,15 @@ class DeformableDetrCriterion:
         # scatter_, not F.one_hot: one_hot may check the class range with a host sync.
         onehot.scatter_(1, dense_classes.unsqueeze(-1), 1)
         onehot = onehot[:, :-1].view(num_layers, batch_size, num_queries, num_classes)
-        focal = sigmoid_focal_loss(layer_logits, onehot, alpha=self.focal_alpha, gamma=LOSS_FOCAL_GAMMA)
+        focal = sigmoid_focal_loss(layer_logits, onehot, alpha=self.focal_alpha, gamma=LOSS_FOCAL_GAMMA,
+                                   reduction="none")
         loss_ce = focal.mean(2).sum(dim=(1, 2)) / num_boxes * num_queries
 
         source_boxes = layer_boxes.reshape(-1, 4).index_select(0, pred_rows)
         matched_targets = target_boxes.index_select(0, target_rows)
         loss_bbox = (source_boxes - matched_targets).abs().view(num_layers, -1).sum(1) / num_boxes
-        giou = generalized_box_iou(center_to_corners(source_boxes), center_to_corners(matched_targets))
+        giou = generalized_box_iou(box_convert(source_boxes, "cxcywh", "xyxy"),
+                                   box_convert(matched_targets, "cxcywh", "xyxy"))
         loss_giou = (1 - giou).view(num_layers, -1).sum(1) / num_boxes
 
         return {
@@ -360,14 +362,6 @@ class DeformableDetrCriterion:
         ).sum()
 
 
-def center_to_corners(boxes: Tensor) -> Tensor:
-    """(cx, cy, w, h) to (x0, y0, x1, y1), same arithmetic as transformers'."""
-    center_x, center_y, width, height = boxes.unbind(-1)
-    return torch.stack(
-        [center_x - 0.5 * width, center_y - 0.5 * height, center_x + 0.5 * width, center_y + 0.5 * height], dim=-1
-    )
-
-
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """GIoU of corner-format boxes, elementwise with broadcasting over the leading dims.
 
@@ -383,18 +377,6 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     hull_wh = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
     hull = hull_wh[..., 0] * hull_wh[..., 1]
     return iou - (hull - union) / hull
-
-
-def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, *, alpha: float, gamma: float) -> Tensor:
-    """Elementwise focal loss (RetinaNet), transformers' formula before its reduction."""
-    prob = inputs.sigmoid()
-    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        loss = alpha_t * loss
-    return loss
 
 
 @torch.no_grad()

@@ -26,11 +26,6 @@ def class_color(label: int) -> Color:
     return round(red * 255), round(green * 255), round(blue * 255)
 
 
-def class_palette(num_classes: int) -> list[Color]:
-    """`class_color` for class indices 0..num_classes-1."""
-    return [class_color(k) for k in range(num_classes)]
-
-
 def readable_text_color(background: Color) -> Color:
     """Black or white, whichever reads better on `background`."""
     # Perceived luminance (ITU-R BT.601): dark text on light labels, white on dark ones.

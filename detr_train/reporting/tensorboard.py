@@ -52,15 +52,6 @@ class MissingDependencyError(RuntimeError):
     """An optional package that a requested feature needs is not installed."""
 
 
-def tensorboard_available() -> bool:
-    """Whether `TensorBoardWriter` can be built in this environment."""
-    try:
-        _summary_writer_class()
-    except MissingDependencyError:
-        return False
-    return True
-
-
 def _summary_writer_class():
     try:
         # torch.utils.tensorboard imports `tensorboard` itself, and raises ImportError

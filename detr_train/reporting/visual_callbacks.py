@@ -33,14 +33,14 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from detr_train.reporting import drawing, plots
 from detr_train.checkpointing.atomic import remove_temp_files
-from detr_train.training.callbacks import Callback, EpochResult
+from detr_train.checkpointing.metrics_log import MetricsLog
 from detr_train.config.checks import TENSORBOARD_MISSING
 from detr_train.data.coco import SampleRequest
 from detr_train.errors import ConfigError
-from detr_train.checkpointing.metrics_log import MetricsLog
+from detr_train.reporting import drawing, plots
 from detr_train.reporting.tensorboard import MissingDependencyError, TensorBoardWriter
+from detr_train.training.callbacks import Callback, EpochResult
 
 if TYPE_CHECKING:
     from detr_train.config.schema import TrainingConfig

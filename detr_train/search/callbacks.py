@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from detr_train.training.callbacks import Callback, EpochResult
 from detr_train.search.reporter import Reporter, reporter_for
+from detr_train.training.callbacks import Callback, EpochResult
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,15 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from detr_train.distributed import collectives as distributed
-from detr_train.modeling.criterion import DeformableDetrCriterion
-from detr_train.training.ema import ModelEMA
-from detr_train.errors import DetrTrainError
-from detr_train.distributed.launch import SINGLE_PROCESS, DistContext
-from detr_train.training.optim import LRSchedule
-from detr_train.modeling.precision import Precision
 from detr_train.checkpointing.state import TrainState
+from detr_train.config.schema import NonFinitePolicy
+from detr_train.distributed import collectives as distributed
+from detr_train.distributed.launch import SINGLE_PROCESS, DistContext
+from detr_train.errors import DetrTrainError
+from detr_train.modeling.criterion import DeformableDetrCriterion, count_target_boxes
+from detr_train.modeling.precision import Precision
+from detr_train.training.ema import ModelEMA
+from detr_train.training.optim import LRSchedule
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,11 @@ class NonFiniteLossError(DetrTrainError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class NonFinitePolicy:
-    """What a NaN/inf loss does: `skip` the step (at most `max_in_a_row` in a row) or `stop` the run."""
+class NonFiniteGuard:
+    """What a NaN/inf loss does (`training.nonfinite`): `skip` the step, at most `max_in_a_row`
+    in a row (`training.max_nonfinite_steps`), or `stop` the run."""
 
-    action: str = "skip"
+    policy: NonFinitePolicy = NonFinitePolicy.skip
     max_in_a_row: int = 20
 
 
@@ -65,11 +67,6 @@ def to_device(batch: dict, device: torch.device, *, channels_last: bool = False
     return pixel_values, pixel_mask, labels
 
 
-def box_count(batches: Sequence[dict]) -> int:
-    """Target boxes in `batches`, read from the labels' shapes on the host: no device sync."""
-    return sum(len(label["class_labels"]) for batch in batches for label in batch["labels"])
-
-
 class TrainStep:
     """One optimiser step over one or more micro-batches, the same code for fp32, bf16 and fp16.
 
@@ -82,7 +79,7 @@ class TrainStep:
 
     def __init__(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule, precision: Precision,
-        *, grad_clip: float, nonfinite: NonFinitePolicy, device: torch.device, dist: DistContext = SINGLE_PROCESS,
+        *, grad_clip: float, nonfinite: NonFiniteGuard, device: torch.device, dist: DistContext = SINGLE_PROCESS,
         criterion: DeformableDetrCriterion | None = None, channels_last: bool = False, ema: ModelEMA | None = None,
     ):
         self.model = model
@@ -125,7 +122,7 @@ class TrainStep:
     def _normalised_over(self, micro_batches: Sequence[dict]):
         if self.criterion is None:
             return contextlib.nullcontext()
-        count = float(box_count(micro_batches))
+        count = float(sum(count_target_boxes(batch["labels"]) for batch in micro_batches))
         if not self.dist.enabled:
             return self.criterion.normalized_by(count)
         # The global batch's mean boxes per rank; torch.full fills on the device, and the
@@ -166,7 +163,7 @@ class TrainStep:
         meter.skipped += 1
         meter.consecutive_nonfinite += 1
         message = f"non-finite loss ({value}) at epoch {state.epoch + 1}, step {state.global_step}"
-        if self.nonfinite.action == "stop":
+        if self.nonfinite.policy == NonFinitePolicy.stop:
             raise NonFiniteLossError(
                 f"{message}; training stopped so the weights stay intact",
                 hint="lower training.lr, enable training.grad_clip, try training.amp_dtype=bfloat16, "

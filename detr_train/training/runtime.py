@@ -1,11 +1,9 @@
-"""The process around a run: which device, seeded random generators, whether to draw progress bars."""
+"""The process around a run: which device, whether to draw progress bars."""
 
 from __future__ import annotations
 
-import random
 import sys
 
-import numpy as np
 import torch
 
 from detr_train.errors import ConfigError
@@ -19,12 +17,6 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"training.device={name!r} but CUDA is not available on this machine",
                           hint="use training.device=auto or cpu")
     return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def show_progress(setting: bool | str) -> bool:

@@ -18,31 +18,43 @@ from typing import Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
 
-from detr_train.distributed import collectives as distributed
-from detr_train.training import callbacks as cb
-from detr_train.checkpointing.format import FORMAT_VERSION, KEY_CLASS_NAMES, KEY_CONFIG_YAML, KEY_FORMAT_VERSION, KEY_MODEL_CONFIG
-from detr_train.checkpointing.format import (STATE_EMA, STATE_GRAD_SCALER, STATE_MODEL, STATE_OPTIMIZER, STATE_RNG,
-                                   STATE_TRAIN, load_checkpoint)
 from detr_train.checkpointing.checkpointer import Checkpointer, Found
+from detr_train.checkpointing.format import (
+    FORMAT_VERSION,
+    KEY_CLASS_NAMES,
+    KEY_CONFIG_YAML,
+    KEY_FORMAT_VERSION,
+    KEY_MODEL_CONFIG,
+    STATE_EMA,
+    STATE_GRAD_SCALER,
+    STATE_MODEL,
+    STATE_OPTIMIZER,
+    STATE_RNG,
+    STATE_TRAIN,
+    load_checkpoint,
+)
+from detr_train.checkpointing.plan import Plan
+from detr_train.checkpointing.rundir import save_resumed_config
+from detr_train.checkpointing.state import RngState, StepLayout, StrictWeights, TrainState
+from detr_train.config.resize_schedule import validate_resize_schedule
 from detr_train.config.schema import Config
 from detr_train.data.build import build_data, capped, evaluation_sampler, make_loader, training_sampler
 from detr_train.data.collate import DetrCollator
-from detr_train.training.ema import ModelEMA
-from detr_train.evaluation.evaluator import Evaluation, Evaluator
-from detr_train.training.loop import EpochPlan, NonFinitePolicy, TrainStep, train_one_epoch
-from detr_train.evaluation.coco import CocoScores, load_coco_ground_truth
-from detr_train.modeling.fast_paths import apply_fast_paths
+from detr_train.distributed import collectives as distributed
 from detr_train.distributed.launch import SINGLE_PROCESS, DistContext
+from detr_train.evaluation.coco import CocoScores, load_coco_ground_truth
+from detr_train.evaluation.evaluator import Evaluation, Evaluator
 from detr_train.modeling.build import build_image_processor, build_model
-from detr_train.training.optim import LRSchedule, build_optimizer
-from detr_train.checkpointing.plan import Plan
+from detr_train.modeling.fast_paths import apply_fast_paths
 from detr_train.modeling.precision import resolve_precision
-from detr_train.config.resize_schedule import validate_resize_schedule
+from detr_train.training import callbacks as cb
+from detr_train.training.ema import ModelEMA
+from detr_train.training.loop import EpochPlan, NonFiniteGuard, TrainStep, train_one_epoch
+from detr_train.training.optim import LRSchedule, build_optimizer
 from detr_train.training.resize import size_for_epoch
-from detr_train.checkpointing.rundir import save_resumed_config
-from detr_train.training.runtime import resolve_device, seed_everything, show_progress
-from detr_train.checkpointing.state import RngState, StepLayout, StrictWeights, TrainState
+from detr_train.training.runtime import resolve_device, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +73,7 @@ class Trainer:
         self.epochs = epochs_to_train(cfg)
         self.device = distributed.device_for(dist, resolve_device(train_cfg.device))
         # The same seed on every rank: identical initial weights and augmentation streams.
-        seed_everything(train_cfg.seed)
+        set_seed(train_cfg.seed)
         # Rank 0 generates/converts the dataset and fills the weight cache; the others reuse them.
         with distributed.main_first(dist):
             self.data = build_data(cfg.data, train_cfg, cfg.budget)
@@ -107,7 +119,7 @@ class Trainer:
                                    steps_per_epoch=self.steps_per_epoch)
         self.step = TrainStep(
             train_model, self.optimizer, self.schedule, self.precision, grad_clip=train_cfg.grad_clip,
-            nonfinite=NonFinitePolicy(train_cfg.nonfinite, train_cfg.max_nonfinite_steps), device=self.device,
+            nonfinite=NonFiniteGuard(train_cfg.nonfinite, train_cfg.max_nonfinite_steps), device=self.device,
             dist=self.dist, criterion=self.fast_paths.criterion, channels_last=self.fast_paths.channels_last,
             ema=self.ema,
         )

@@ -49,7 +49,6 @@ from types import SimpleNamespace
 import torch
 from torch.autograd.function import once_differentiable
 
-
 # Imported on first use (`_import_triton`), never at import time: importing this
 # module must work without Triton, and must not fix Triton's interpreter mode
 # (see `_interpreter_problem`) before a test had the chance to ask for it.

@@ -13,13 +13,16 @@ from collections.abc import Iterable
 
 import torch
 
+from detr_train.config.schema import AttentionKernel
 from detr_train.errors import ConfigError
-from detr_train.modeling.kernels.deformable_attention import TritonMultiScaleDeformableAttention, triton_unavailable_reason
+from detr_train.modeling.kernels.deformable_attention import (
+    TritonMultiScaleDeformableAttention,
+    triton_unavailable_reason,
+)
 from detr_train.modeling.kernels.self_check import kernel_problem
 
 log = logging.getLogger(__name__)
 
-KERNEL_CHOICES = ("auto", "triton", "pytorch")
 _ATTENTION_CLASS = "DeformableDetrMultiscaleDeformableAttention"
 _warned: set[str] = set()
 
@@ -52,8 +55,11 @@ def triton_problem(device: torch.device, dtypes: Iterable[torch.dtype]) -> str |
 
 
 def _resolve_kind(kind: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
-    if kind not in KERNEL_CHOICES:
-        raise ConfigError(f"model.attention_kernel must be one of {list(KERNEL_CHOICES)}, got {kind!r}")
+    try:
+        kind = AttentionKernel(kind).value
+    except ValueError:
+        choices = [choice.value for choice in AttentionKernel]
+        raise ConfigError(f"model.attention_kernel must be one of {choices}, got {kind!r}") from None
     if kind == "pytorch" or (kind == "auto" and not auto_considers(device)):
         return "pytorch"
     reason = triton_problem(device, dtypes)
@@ -96,5 +102,6 @@ def install_attention_kernel(
             module.attn = TritonMultiScaleDeformableAttention()
         elif chosen == "pytorch" and is_triton:
             module.attn = _pytorch_attention()
-    log.info("Deformable attention kernel: %s (model.attention_kernel=%s, %d modules)", chosen, kind, len(modules))
+    log.info("Deformable attention kernel: %s (model.attention_kernel=%s, %d modules)", chosen,
+             AttentionKernel(kind).value, len(modules))
     return chosen
