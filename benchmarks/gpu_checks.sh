@@ -96,7 +96,8 @@ EOF
 
 step_tests() {
   run_step tests "$(step_limit 150)" "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_deformable_attention_kernel.py tests/test_criterion.py tests/test_accumulation.py
+    tests/test_deformable_attention_kernel.py tests/test_kernel_self_check.py tests/test_criterion.py \
+    tests/test_accumulation.py
 }
 
 step_kernel() {

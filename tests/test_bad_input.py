@@ -3,12 +3,14 @@ culprit named, and (for config mistakes) no run directory at all."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 
 import pytest
 
 from detr_train.cli import train as cli
-from tests.conftest import run_cli
+from tests.conftest import REPO_ROOT, run_cli
 
 # (overrides, what the one line must name). Each is refused while the config is composed
 # and checked, before Hydra makes a run directory.
@@ -88,6 +90,7 @@ def test_a_config_mistake_is_one_line_exit_2_and_writes_nothing(overrides, named
     assert list(tmp_path.iterdir()) == []  # no run dir, no outputs folder, no log
 
 
+@pytest.mark.slow
 def test_a_search_with_a_fixed_bad_value_is_refused_before_any_trial(tmp_path):
     result = run_cli(["search=demo", "training.lr=-1", f"output_root={tmp_path}"], timeout=120)
     assert result.returncode == 2
@@ -128,6 +131,7 @@ RUN_MISTAKES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(RUN_MISTAKES)))
 def test_a_mistake_found_by_the_run_is_one_line_exit_2(case, small_run_overrides, tmp_path):
     overrides, named = RUN_MISTAKES[case]
@@ -145,6 +149,7 @@ def test_a_mistake_found_by_the_run_is_one_line_exit_2(case, small_run_overrides
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_verbose_shows_the_traceback(tmp_path):
     result = run_cli(["training.lr=-1", f"output_root={tmp_path}", "--verbose"], timeout=120)
     assert result.returncode != 0
@@ -167,6 +172,7 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch, tmp_path):
         cli.train(compose_config())
 
 
+@pytest.mark.slow
 def test_an_error_during_the_run_is_noted_in_train_log(small_run_overrides, tmp_path):
     result = run_cli(small_run_overrides + ["training.subset_size=100000", "name=noted"])
     assert result.returncode == 2
@@ -181,3 +187,39 @@ def test_a_group_chosen_with_a_dot_is_told_to_use_a_slash(tmp_path, monkeypatch,
     with pytest.raises(SystemExit):
         cli.main()
     assert "hint: data.augment is a config group: choose a preset with data/augment=<name>" in capsys.readouterr().err
+
+
+def _truncated_copy(synthetic_root, tmp_path):
+    """The shared synthetic dataset with every training image cut to half its bytes."""
+    import shutil
+
+    root = tmp_path / "truncated"
+    shutil.copytree(synthetic_root, root)
+    for image in (root / "train").glob("*.png"):
+        data = image.read_bytes()
+        image.write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.mark.slow
+def test_an_error_in_a_dataloader_worker_is_its_own_one_line_message(small_run_overrides, synthetic_root, tmp_path):
+    root = _truncated_copy(synthetic_root, tmp_path)
+    result = run_cli(small_run_overrides + [f"data.root={root}", "data.num_workers=2"], timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("detr-train: error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert re.fullmatch(rf"detr-train: error: cannot read image {re.escape(str(root / 'train'))}/\S+\.png: "
+                        r"image file is truncated.*", errors[0]), errors[0]
+    assert "Traceback" not in result.stderr + result.stdout and "DataLoader worker" not in errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["detr_train", "detr_train.cli.evaluate", "detr_train.cli.predict"])
+def test_help_into_a_closed_pipe_ends_quietly(module):
+    """`detr-train --help | head`: the reader is gone before the help is written."""
+    process = subprocess.Popen([sys.executable, "-m", module, "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0
+    assert stderr == ""

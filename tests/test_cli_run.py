@@ -6,16 +6,19 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
 from tests.conftest import REPO_ROOT, run_cli
 
+pytestmark = pytest.mark.slow
+
 EPOCH_KEYS = {"epoch", "lr", "train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "map", "map_50",
               "map_75", "map_small", "map_medium", "map_large", "map_per_class", "epoch_time", "image_size"}
 
 
-def test_default_run_writes_the_run_directory(small_run_overrides, tmp_path):
+def test_default_run_writes_the_run_directory(small_run_overrides, synthetic_root, tmp_path):
     result = run_cli(small_run_overrides + ["training.epochs=2", "training.export_hf=true"])
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = [p for p in (tmp_path / "outputs" / "default").iterdir() if p.is_dir()]
@@ -35,6 +38,17 @@ def test_default_run_writes_the_run_directory(small_run_overrides, tmp_path):
     assert best["train"]["best_metric"] == max(r["map"] for r in records)
     assert (run_dir / "hf_model" / "config.json").is_file()
     assert (run_dir / "hf_model" / "preprocessor_config.json").is_file()
+
+    # The run's last lines say where it is and what to run next, with its real paths.
+    best_epoch = max(records, key=lambda r: r["map"])["epoch"]
+    last_lines = log_text[log_text.rindex("epoch 2/2"):]
+    for expected in (f"Run directory: {run_dir}",
+                     f"Best validation mAP {best['train']['best_metric']:.4f} at epoch {best_epoch}",
+                     f"Curves and plots: {run_dir / 'training_curves.png'}, {run_dir / 'plots' / 'per_class_ap.png'}",
+                     f"Score it again:       detr-train-eval {run_dir}",
+                     f"Draw its detections:  detr-train-predict {run_dir} {synthetic_root / 'val'}"):
+        assert expected in last_lines, (expected, last_lines)
+    assert "training.resume=" not in last_lines  # it finished: nothing to continue
 
 
 def test_amp_without_cuda_warns_once_and_trains_in_fp32(small_run_overrides):

@@ -56,12 +56,14 @@ def test_unknown_key_is_a_clear_error():
         compose_config(["training.no_such_key=1"])
 
 
+@pytest.mark.slow
 def test_cli_bad_override_names_the_key(tmp_path):
     result = run_cli(["training.no_such_key=1", f"output_root={tmp_path}"], timeout=60)
     assert result.returncode != 0
     assert "training.no_such_key" in result.stderr
 
 
+@pytest.mark.slow
 def test_cfg_job_does_not_import_torch(tmp_path):
     # --cfg job must answer fast: torch/transformers stay off the config path.
     code = (

@@ -20,6 +20,8 @@ from detr_train.data.sampling import EpochBatchSampler
 from detr_train.evaluation.coco import load_coco_ground_truth, score_detections
 from tests.conftest import REPO_ROOT, compose_config, make_trainer, run_cli
 
+pytestmark = pytest.mark.slow
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

@@ -43,6 +43,8 @@ from detr_train.modeling.kernels.deformable_attention import (
 )
 from detr_train.modeling.kernels.selection import install_attention_kernel
 
+pytestmark = pytest.mark.kernel
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LEVEL_SHAPES = [(6, 7), (3, 4), (1, 2)]
 BATCH, QUERIES, HEADS, POINTS = 2, 5, 2, 3

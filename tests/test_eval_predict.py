@@ -13,6 +13,8 @@ from PIL import Image
 
 from tests.conftest import REPO_ROOT, SMALL_SYNTHETIC, run_cli
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained_run(synthetic_root, tmp_path_factory):

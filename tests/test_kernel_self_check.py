@@ -1,9 +1,10 @@
 """The Triton kernel is safe by default: its inputs are checked on the host before launch,
 and `auto` uses it only after it agreed with the PyTorch path on the device and dtype.
 
-On CPU the kernel runs in Triton's interpreter (conftest switches it on before anything
-imports Triton). `auto` never picks Triton on CPU, so the fallback tests let it consider
-the CPU (`auto_considers`) to exercise the decision exactly as it runs on CUDA.
+The self-check tests run where the kernel runs: on a GPU when there is one, else on the
+CPU in Triton's interpreter (conftest switches it on before anything imports Triton).
+`auto` never picks Triton on CPU, so there the fallback tests let it consider the CPU
+(`auto_considers`) to exercise the decision exactly as it runs on CUDA.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from detr_train.modeling.kernels.deformable_attention import (
     ms_deform_attn,
 )
 
+pytestmark = pytest.mark.kernel
+
 CPU = torch.device("cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# How the self-check names the device it ran on (`cuda` becomes `cuda:0`).
+CHECKED = str(selection._indexed(DEVICE))
 SHAPES = [(4, 6), (2, 3), (1, 1)]  # 24 + 6 + 1 = 31 keys
 BATCH, QUERIES, HEADS, LEVELS, POINTS, HEAD_DIM = 2, 5, 2, 3, 4, 8
 
@@ -134,9 +140,9 @@ def _kinds(model) -> list[str]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_real_kernel_passes_its_self_check(fresh_self_check, dtype):
-    assert self_check.kernel_problem(CPU, dtype) is None
+    assert self_check.kernel_problem(selection._indexed(DEVICE), dtype) is None
     model = _attention_model()
-    assert selection.install_attention_kernel(model, "auto", CPU, (torch.float32, dtype)) == "triton"
+    assert selection.install_attention_kernel(model, "auto", DEVICE, (torch.float32, dtype)) == "triton"
     assert _kinds(model) == ["triton"]
 
 
@@ -150,8 +156,8 @@ def _wrong_kernel(value, *args):
 
 
 FAULTY_KERNELS = {
-    "raises": (_raising_kernel, "the kernel failed on cpu in torch.float32: RuntimeError: PassManager::run failed"),
-    "wrong values": (_wrong_kernel, "the kernel disagrees with the PyTorch path on cpu in torch.float32: output"),
+    "raises": (_raising_kernel, f"the kernel failed on {CHECKED} in torch.float32: RuntimeError: PassManager::run failed"),
+    "wrong values": (_wrong_kernel, f"the kernel disagrees with the PyTorch path on {CHECKED} in torch.float32: output"),
 }
 
 
@@ -161,8 +167,8 @@ def test_a_faulty_kernel_falls_back_under_auto_with_one_warning(fresh_self_check
     monkeypatch.setattr(self_check, "ms_deform_attn", kernel)
     model = _attention_model()
     with caplog.at_level(logging.WARNING, logger="detr_train.modeling.kernels.selection"):
-        assert selection.install_attention_kernel(model, "auto", CPU) == "pytorch"
-        assert selection.install_attention_kernel(_attention_model(), "auto", CPU) == "pytorch"
+        assert selection.install_attention_kernel(model, "auto", DEVICE) == "pytorch"
+        assert selection.install_attention_kernel(_attention_model(), "auto", DEVICE) == "pytorch"
     assert _kinds(model) == ["pytorch"]
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and reason in warnings[0] and "\n" not in warnings[0], warnings
@@ -173,9 +179,9 @@ def test_a_faulty_kernel_is_a_one_line_error_under_triton(fresh_self_check, monk
     kernel, reason = FAULTY_KERNELS[fault]
     monkeypatch.setattr(self_check, "ms_deform_attn", kernel)
     with pytest.raises(ConfigError) as raised:
-        selection.install_attention_kernel(_attention_model(), "triton", CPU)
+        selection.install_attention_kernel(_attention_model(), "triton", DEVICE)
     message = str(raised.value)
-    assert message.startswith("model.attention_kernel=triton cannot run on cpu") and reason in message
+    assert message.startswith(f"model.attention_kernel=triton cannot run on {DEVICE}") and reason in message
     assert "\n" not in message
 
 
@@ -185,8 +191,8 @@ def test_a_kernel_wrong_only_in_half_precision_falls_back(fresh_self_check, monk
         return output if value.dtype == torch.float32 else output * 1.05
 
     monkeypatch.setattr(self_check, "ms_deform_attn", wrong_in_bf16)
-    assert selection.install_attention_kernel(_attention_model(), "auto", CPU, (torch.float32,)) == "triton"
-    assert selection.install_attention_kernel(_attention_model(), "auto", CPU,
+    assert selection.install_attention_kernel(_attention_model(), "auto", DEVICE, (torch.float32,)) == "triton"
+    assert selection.install_attention_kernel(_attention_model(), "auto", DEVICE,
                                               (torch.float32, torch.bfloat16)) == "pytorch"
 
 
@@ -199,5 +205,5 @@ def test_the_check_runs_once_per_device_and_dtype(fresh_self_check, monkeypatch)
 
     monkeypatch.setattr(self_check, "ms_deform_attn", counted)
     for _ in range(3):
-        selection.install_attention_kernel(_attention_model(), "auto", CPU)
+        selection.install_attention_kernel(_attention_model(), "auto", DEVICE)
     assert calls == [torch.float32]

@@ -47,6 +47,7 @@ def _resumed(overrides: list[str], run_dir) -> Trainer:
     return trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["plain", "box_refine", "two_stage"])
 def test_a_pretrained_detector_loads_trains_and_resumes_without_its_source(variant, small_run_overrides, tmp_path,
                                                                           caplog):
@@ -69,6 +70,7 @@ def test_a_pretrained_detector_loads_trains_and_resumes_without_its_source(varia
     assert resumed.state.epoch == 2 and resumed.state.global_step == 2 * resumed.steps_per_epoch
 
 
+@pytest.mark.slow
 def test_a_local_timm_backbone_starts_the_detector(small_run_overrides, tmp_path):
     import timm
 
@@ -106,6 +108,7 @@ def test_an_imagenet_backbone_offline_fails_at_once_with_advice(monkeypatch, tmp
     assert "model.backbone.pretrained=null" in info.value.hint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["tiny_default", "timm_two_stage"])
 def test_the_export_is_the_trained_network(case, small_run_overrides, tmp_path):
     """from_pretrained on hf_model/ gives back the network that scored best: same outputs."""

@@ -34,6 +34,7 @@ def _resumed(overrides: list[str], run_dir: Path) -> Trainer:
     return trainer
 
 
+@pytest.mark.slow
 def test_ema_two_epochs_then_resume_equals_four_straight(small_run_overrides, tmp_path):
     overrides = small_run_overrides + EXACT + EMA
     straight = make_trainer(Plan(compose_config(overrides + ["training.epochs=4"]), tmp_path / "straight"))
@@ -52,6 +53,7 @@ def test_ema_two_epochs_then_resume_equals_four_straight(small_run_overrides, tm
     assert not any(torch.equal(a, b) for a, b in zip(straight.ema.module.parameters(), straight.model.parameters()))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_ema_starts_the_average_at_its_weights(small_run_overrides, tmp_path):
     overrides = small_run_overrides + EXACT
     make_trainer(Plan(compose_config(overrides + ["training.epochs=1"]), tmp_path / "run")).fit()
@@ -103,6 +105,7 @@ def test_the_early_stop_counter_survives_a_checkpoint():
     assert _feed(resumed, _Run(10), maps[3:], first_epoch=4) == straight == 5
 
 
+@pytest.mark.slow
 def test_a_run_stops_early_and_its_resume_keeps_the_count(small_run_overrides, tmp_path):
     # min_delta 1.0 can never be met: the first evaluation sets the best, each later one is stale.
     overrides = small_run_overrides + EXACT + ["training.early_stop.patience=2", "training.early_stop.min_delta=1.0"]
@@ -114,6 +117,7 @@ def test_a_run_stops_early_and_its_resume_keeps_the_count(small_run_overrides, t
     assert resumed.stop_request is not None and not resumed.stop_request.interrupted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [False, True])
 def test_the_export_holds_the_weights_that_scored_best(small_run_overrides, tmp_path, ema):
     from transformers import DeformableDetrForObjectDetection

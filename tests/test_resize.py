@@ -39,6 +39,7 @@ def test_malformed_schedules_fail_with_a_clear_error(schedule, match):
     assert "training.resize_schedule" in str(info.value)
 
 
+@pytest.mark.slow
 def test_malformed_schedule_fails_before_training(small_run_overrides, tmp_path):
     cfg = compose_config(small_run_overrides + ["training.resize_schedule=[[2,64]]"])
     with pytest.raises(ResizeScheduleError, match="must start at epoch 1"):
@@ -51,6 +52,7 @@ def _input_sizes(run_dir: Path) -> dict[int, list[int]]:
     return {r["epoch"]: (r["image_size"], r["input_hw"]) for r in records}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("persistent", [False, True])
 def test_workers_produce_the_scheduled_size_across_a_resume(small_run_overrides, tmp_path, persistent):
     overrides = small_run_overrides + [

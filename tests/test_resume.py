@@ -16,6 +16,8 @@ from detr_train.checkpointing.plan import Plan, plan
 from detr_train.training.trainer import Trainer
 from tests.conftest import SMALL_SYNTHETIC, compose_config, make_trainer, run_cli
 
+pytestmark = pytest.mark.slow
+
 # LR schedules that depend only on the step (not on the total length) make
 # "2 epochs, then 2 more" the same run as "4 epochs".
 EXACT = ["training.schedule.name=step", "training.schedule.step_epochs=[3]", "training.epochs=4",

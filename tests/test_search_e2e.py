@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from detr_train.search.storage import open_storage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.sweep]
 
 GOOD_LR, DEAD_LR = 3e-3, 1e-8
 
@@ -57,7 +57,22 @@ def sweep(tmp_path_factory) -> Path:
         cwd=root,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return root / "outputs" / "default" / "search" / "lr_tiny"
+    sweep_dir = root / "outputs" / "default" / "search" / "lr_tiny"
+    (sweep_dir / "sweep_output.txt").write_text(result.stdout + result.stderr)
+    return sweep_dir
+
+
+def test_the_search_ends_naming_its_best_trial_and_what_to_run_next(sweep):
+    study = optuna.load_study(study_name="lr_tiny", storage=open_storage(str(sweep / "optuna_journal.log")))
+    best = study.best_trial
+    run_dir = best.user_attrs["detr_train.run_dir"]
+    output = (sweep / "sweep_output.txt").read_text()
+    tail = output[output.rindex(f"Best trial {best.number}"):]
+    best_epoch = max(best.intermediate_values, key=best.intermediate_values.get)
+    for expected in (f"(mAP {best.value:.4f}); every trial: {sweep / 'trials.csv'}",
+                     f"Run directory: {run_dir}", f"Best validation mAP {best.value:.4f} at epoch {best_epoch}",
+                     f"detr-train-eval {run_dir}", f"detr-train-predict {run_dir} {sweep.parents[3] / 'synthetic' / 'val'}"):
+        assert expected in tail, (expected, tail)
 
 
 def test_the_search_prunes_the_weak_trial_and_records_it(sweep):

@@ -7,6 +7,8 @@ from importlib.util import find_spec
 import pytest
 from search_app.harness import run_app
 
+pytestmark = [pytest.mark.slow, pytest.mark.sweep]
+
 SPACE = ("x=interval(0, 1)", "y=interval(0, 1)")
 
 

@@ -21,6 +21,8 @@ from search_app.harness import APP, read_trials_csv
 
 from detr_train.search.storage import open_storage
 
+pytestmark = [pytest.mark.slow, pytest.mark.sweep]
+
 URL_VARIABLE = "DETR_TRAIN_TEST_POSTGRES_URL"
 N_TRIALS = 8
 

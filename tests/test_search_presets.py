@@ -21,6 +21,8 @@ def _detr_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("preset", PRESETS)
 def test_a_preset_passes_the_sweepers_checks_against_the_real_config(tmp_path, preset):
     result = _detr_train(tmp_path, f"search={preset}", "hydra.sweeper.n_trials=0")
@@ -30,6 +32,8 @@ def test_a_preset_passes_the_sweepers_checks_against_the_real_config(tmp_path, p
     assert "0 trials stored, n_trials=0: running 0 now" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.sweep
 def test_other_samplers_and_pruners_swap_in_without_clashing_with_the_preset(tmp_path):
     result = _detr_train(
         tmp_path, "search=lr", "hydra/sweeper/sampler=random", "hydra/sweeper/pruner=hyperband", "hydra.sweeper.n_trials=0"
@@ -38,6 +42,8 @@ def test_other_samplers_and_pruners_swap_in_without_clashing_with_the_preset(tmp
     assert "Sampler RandomSampler, pruner optuna.pruners.HyperbandPruner" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.sweep
 def test_a_misspelt_key_in_a_search_is_refused_before_any_trial(tmp_path):
     result = _detr_train(tmp_path, "search=lr", "training.lrr=tag(log, interval(1e-5, 1e-3))")
     assert result.returncode == 2

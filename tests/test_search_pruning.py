@@ -17,6 +17,8 @@ from optuna.trial import TrialState
 from search_app.harness import load_study, read_trials_csv, run_app
 from search_app.objective import value_at
 
+pytestmark = [pytest.mark.slow, pytest.mark.sweep]
+
 N_TRIALS = 10
 EPOCHS = 4
 SEED = 3

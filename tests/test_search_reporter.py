@@ -132,6 +132,7 @@ def test_a_failed_job_keeps_its_error_and_traceback():
     assert "Traceback" in outcome.details and "CUDA out of memory" in outcome.details
 
 
+@pytest.mark.slow
 def test_the_trainer_stops_a_pruned_trial_but_never_discards_its_last_epoch(small_run_overrides, tmp_path):
     # A pruner that prunes every report (mAP is always below 1) stops a 2-epoch trial after
     # epoch 1; a 1-epoch trial is not asked after its only, and last, epoch: pruning there
@@ -155,6 +156,7 @@ def test_the_trainer_stops_a_pruned_trial_but_never_discards_its_last_epoch(smal
     assert attrs.PRUNED_AT not in last_epoch_only.user_attrs
 
 
+@pytest.mark.slow
 def test_a_trial_that_stops_early_is_complete_not_pruned(small_run_overrides, tmp_path):
     # The pruner would prune every report from epoch 2 on; early stopping ends the run at
     # epoch 2 first, so the trial finished: no pruning mark, its best value returned.

@@ -11,6 +11,8 @@ from search_app.harness import load_study, read_trials_csv, run_app
 
 from detr_train.search.storage import redact, resolve_storage_url
 
+pytestmark = [pytest.mark.slow, pytest.mark.sweep]
+
 SPACE = ("x=interval(0, 1)", "y=interval(0, 1)", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0")
 
 

@@ -27,6 +27,8 @@ from detr_train.reporting import tensorboard as tb_module
 from detr_train.reporting.visual_callbacks import EvaluationPlots, TrainingCurves, visual_callbacks
 from tests.conftest import SMALL_SYNTHETIC, compose_config, make_trainer
 
+pytestmark = pytest.mark.slow
+
 VIS_IMAGES = 2
 # Two short epochs at a raised LR: enough for COCOeval to find some true positives (AP > 0),
 # so the curves have something to agree with. EMA weights are scored, then the raw ones too

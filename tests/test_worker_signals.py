@@ -6,7 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
 
 PERSISTENT_WORKERS_LEFT_OPEN = textwrap.dedent("""
     import os, signal, sys
