@@ -16,7 +16,9 @@ Imports nothing heavy: the CLI uses it before torch is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
 
 PROGRAM = "detr-train"
@@ -55,12 +57,39 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def own_message(error: BaseException | str) -> str:
+    """The error's own message. An exception raised in a DataLoader worker reaches the main
+    process re-raised by torch with the worker's whole traceback as its message ("Caught X in
+    DataLoader worker process N. Original Traceback ..."): that is cut back to what the
+    original exception said."""
+    text = str(error)
+    if isinstance(error, str) or not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    # The traceback ends with "<module>.<ExceptionName>: <message>", the message perhaps on several lines.
+    last = None
+    for last in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(error).__name__)}: ", text, flags=re.MULTILINE):
+        pass
+    return text[last.end():].strip() if last else text
+
+
 def format_error(error: BaseException | str, hint: str | None = None, *, program: str = PROGRAM) -> str:
-    text = f"{program}: error: {one_line(error)}"
+    text = f"{program}: error: {one_line(own_message(error))}"
     hint = hint if hint is not None else getattr(error, "hint", None)
     if hint:
         text += f"\n  hint: {one_line(hint)}"
     return text
+
+
+@contextlib.contextmanager
+def quiet_on_closed_pipe():
+    """End quietly when the reader of our output goes away (`detr-train --help | head`)."""
+    try:
+        yield
+    except BrokenPipeError:
+        # Python would print a traceback at exit while flushing the dead pipe: point stdout at
+        # /dev/null first, as the Python docs advise for SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
 
 
 def exit_with_error(error: BaseException | str, hint: str | None = None, *, program: str = PROGRAM) -> None:

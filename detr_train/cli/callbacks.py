@@ -12,14 +12,16 @@ callbacks run in this list's order. Why each stands where it does:
 5. CheckReplicas, ExportHF: debugging aid and the final export, on the saved state.
 6. Pictures (curves, plots, prediction images, TensorBoard last, as it logs what the
    others drew): after the checkpoint, so that drawing can never cost one.
-7. StopOnSignal, last: it hands a signal on to the previous handler (a requeue) only
-   after every other callback has run.
+7. StopOnSignal: says the run stopped; it hands the signal on to the previous handler (a
+   requeue) only when the run closes, after every other callback has run.
+8. NextSteps, last: the run's last lines say where its results are and what to run next.
 """
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from detr_train.reporting.next_steps import NextSteps
 from detr_train.reporting.visual_callbacks import visual_callbacks
 from detr_train.search.callbacks import trial_callbacks
 from detr_train.training import callbacks as cb
@@ -38,5 +40,5 @@ def build_callbacks(cfg: DictConfig) -> list[cb.Callback]:
     if train_cfg.export_hf:
         callbacks.append(cb.ExportHF())
     callbacks += visual_callbacks(train_cfg)
-    callbacks.append(cb.StopOnSignal())
+    callbacks += [cb.StopOnSignal(), NextSteps()]
     return callbacks

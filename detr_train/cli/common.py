@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from detr_train.errors import DetrTrainError, exit_with_error, take_verbose_flag, verbose
+from detr_train.errors import DetrTrainError, exit_with_error, quiet_on_closed_pipe, take_verbose_flag, verbose
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
@@ -24,14 +24,15 @@ def run_command(program: str, parser: argparse.ArgumentParser, body: Callable[[a
                 argv: list[str] | None = None) -> None:
     """Parse, run `body`, and turn expected errors into one line and exit status 2."""
     arguments = take_verbose_flag(list(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(arguments)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    try:
-        body(args)
-    except DetrTrainError as error:
-        if verbose():
-            raise
-        exit_with_error(error, program=program)
+    with quiet_on_closed_pipe():
+        args = parser.parse_args(arguments)
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+        try:
+            body(args)
+        except DetrTrainError as error:
+            if verbose():
+                raise
+            exit_with_error(error, program=program)
 
 
 def split_overrides(values: list[str]) -> tuple[list[str], list[str]]:

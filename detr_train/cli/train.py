@@ -20,7 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from detr_train.config import config_dir
 from detr_train.config.preflight import preflight
 from detr_train.distributed.launch import DistContext, context_from_environment, launched_as_non_main_rank
-from detr_train.errors import ConfigError, DetrTrainError, exit_with_error, format_error, take_verbose_flag, verbose
+from detr_train.errors import (
+    ConfigError,
+    DetrTrainError,
+    exit_with_error,
+    format_error,
+    quiet_on_closed_pipe,
+    take_verbose_flag,
+    verbose,
+)
 
 log = logging.getLogger("detr_train")
 
@@ -121,13 +129,14 @@ def main() -> None:
     if launched_as_non_main_rank():
         arguments += NON_MAIN_RANK_OVERRIDES
     sys.argv[1:] = arguments
-    try:
-        preflight(arguments)
-    except DetrTrainError as error:
-        if verbose():
-            raise
-        exit_with_error(error)
-    _hydra_main()
+    with quiet_on_closed_pipe():
+        try:
+            preflight(arguments)
+        except DetrTrainError as error:
+            if verbose():
+                raise
+            exit_with_error(error)
+        _hydra_main()
 
 
 if __name__ == "__main__":

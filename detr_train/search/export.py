@@ -59,7 +59,7 @@ def write_best_trial(
     search-only ones (`search=`, `budget=`, `trial.*`) and appends `full_budget`
     (`budget=none` for detr-train). Returns None while no trial has completed.
     """
-    best = _best_trial(study)
+    best = best_trial(study)
     if best is None:
         return None
     overrides = rerun_overrides(fixed_overrides, best.params, full_budget)
@@ -122,7 +122,8 @@ def _row(trial: FrozenTrial) -> dict[str, Any]:
     }
 
 
-def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The study's best completed trial, or None while none has completed."""
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
     return study.best_trial

@@ -18,9 +18,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from optuna.distributions import check_distribution_compatibility
 from optuna.trial import Trial, TrialState
 
+from detr_train.data.sources import coco_paths
+from detr_train.reporting.next_steps import next_steps
 from detr_train.search import attrs, export, plots
 from detr_train.search.errors import SearchConfigError, SweepInterrupted, TooManyFailedTrials
 from detr_train.search.factories import build_pruner, build_sampler, grid_size, is_grid, pruner_spec
@@ -142,6 +145,7 @@ class SearchSession:
                 )
         if not returns:  # nothing ran: still refresh the files (e.g. after an upgrade)
             self.export()
+        self._tell_best()
         return returns
 
     def _missing(self) -> int:
@@ -214,6 +218,21 @@ class SearchSession:
                 raise
 
     # --- outputs ----------------------------------------------------------------------------
+
+    def _tell_best(self) -> None:
+        """The search's last lines: its best trial as a run's last lines, and where every trial is."""
+        trials_csv = self.sweep_dir / export.TRIALS_CSV
+        best = export.best_trial(self.study)
+        if best is None:
+            log.info("No trial has completed; every trial is in %s", trials_csv)
+            return
+        history = best.intermediate_values
+        best_epoch = max(history, key=history.get) if history else 0
+        lines = [f"Best trial {best.number} (mAP {best.value:.4f}); every trial: {trials_csv}"]
+        run_dir = best.user_attrs.get(attrs.RUN_DIR)
+        if run_dir is not None:
+            lines += next_steps(Path(run_dir), best.value, best_epoch, _validation_images(Path(run_dir)))
+        log.info("\n%s", "\n".join(lines))
 
     def export(self) -> None:
         export.write_trials_csv(self.study, self.sweep_dir)
@@ -303,3 +322,11 @@ def _full_budget_overrides(config: DictConfig) -> list[str]:
     """`budget=none` when the app has a budget group (detr-train does), else nothing."""
     choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
     return ["budget=none"] if "budget" in choices else []
+
+
+def _validation_images(run_dir: Path) -> Path | None:
+    """The validation images of the run in `run_dir`, from the config Hydra saved there."""
+    try:
+        return coco_paths(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data).val_images
+    except (OSError, OmegaConfBaseException):
+        return None

@@ -197,12 +197,14 @@ class SaveCheckpoints(Callback):
 class StopOnSignal(Callback):
     """SIGTERM/SIGINT/SIGUSR1/2 finish the current step, then the run saves and stops.
 
-    Every rank leaves at the same step, whichever got the signal. After the checkpoint the
-    signal is handed to whoever handled it before us (submitit then requeues the job).
+    Every rank leaves at the same step, whichever got the signal. When every callback has
+    had its say (`close`), the signal is handed to whoever handled it before us (submitit
+    then requeues the job).
     """
 
     def __init__(self) -> None:
         self.stop = GracefulStop()
+        self.interrupted = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.stop.__enter__()
@@ -221,11 +223,13 @@ class StopOnSignal(Callback):
             self._check(trainer)
 
     def on_interrupt(self, trainer: Trainer, where: str) -> None:
-        log.warning("Stopped by %s %s; checkpoint saved. Resume with:\n  detr-train training.resume=%s",
+        log.warning("Stopped by %s %s; checkpoint saved. Resume with:  detr-train training.resume=%s",
                     trainer.stop_request.reason, where, trainer.run_dir)
-        self.stop.hand_over()
+        self.interrupted = True
 
     def close(self) -> None:
+        if self.interrupted:
+            self.stop.hand_over()
         self.stop.__exit__(None, None, None)
 
 
