@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +85,56 @@ def small_run_overrides(synthetic_root, tmp_path) -> list[str]:
         "training.progress=false",
         "training.schedule.warmup_steps=2",
     ]
+
+
+# The shared trained run: two short epochs at a raised LR, enough for COCOeval to find some
+# true positives (AP > 0). EMA weights are scored, then the raw ones too (raw_map).
+SHARED_RUN_SETTINGS = [
+    "training.batch_size=4", "training.log_every=0", "training.progress=false", "training.schedule.warmup_steps=2",
+    "training.subset_size=16", "training.val_subset_size=16", "training.epochs=2", "training.lr=3e-3",
+    "training.ema.enabled=true", "training.ema.eval_raw=true", "training.ema.decay=0.5", "training.ema.warmup_steps=1",
+]
+SHARED_RUN_VIS_IMAGES = 2
+
+
+def spy_on(monkeypatch, module, name: str) -> list[dict]:
+    """Record every call of module.<name>, then call the real function."""
+    real, calls = getattr(module, name), []
+
+    def spy(*args, **kwargs):
+        calls.append({"args": args, "kwargs": kwargs})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_root, tmp_path_factory):
+    """One run of the tiny model shared by the evaluation, prediction and picture tests, with
+    everything a run can leave switched on: plots, prediction images, TensorBoard (where
+    installed) and the HF export. The plotting calls are recorded, to compare with what the
+    run scored."""
+    from types import SimpleNamespace
+
+    from detr_train.checkpointing.plan import Plan
+    from detr_train.reporting import plots
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    with_tensorboard = importlib.util.find_spec("tensorboard") is not None
+    overrides = SMALL_SYNTHETIC + [f"data.root={synthetic_root}", *SHARED_RUN_SETTINGS,
+                                   f"training.vis_images={SHARED_RUN_VIS_IMAGES}",
+                                   # Every predicted box drawn: a barely trained model scores low.
+                                   "training.vis_score_threshold=0.0", f"training.tensorboard={with_tensorboard}",
+                                   "training.export_hf=true"]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        per_class_calls = spy_on(monkeypatch, plots, "plot_per_class_ap")
+        pr_calls = spy_on(monkeypatch, plots, "plot_precision_recall")
+        trainer = make_trainer(Plan(compose_config(overrides), run_dir))
+        trainer.fit()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return SimpleNamespace(run_dir=run_dir, trainer=trainer, overrides=overrides, per_class_calls=per_class_calls,
+                           pr_calls=pr_calls, records=records, tensorboard=with_tensorboard)
 
 
 def run_cli(args: list[str], *, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):

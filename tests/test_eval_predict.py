@@ -11,24 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO_ROOT, SMALL_SYNTHETIC, run_cli
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def trained_run(synthetic_root, tmp_path_factory):
-    """The default model trained for one epoch on the small synthetic set, exported too."""
-    work = tmp_path_factory.mktemp("evalrun")
-    overrides = SMALL_SYNTHETIC + [
-        f"data.root={synthetic_root}", f"output_root={work / 'outputs'}", "name=scored",
-        "training.epochs=1", "training.batch_size=4", "training.log_every=0", "training.progress=false",
-        "training.schedule.warmup_steps=2", "training.export_hf=true", "training.plots=false",
-    ]
-    result = run_cli(overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (work / "outputs" / "scored").iterdir()
-    return run_dir, overrides, work
 
 
 def _tool(module: str, *args, cwd=None) -> subprocess.CompletedProcess:
@@ -58,24 +43,31 @@ def _in_process(module: str, *args) -> tuple[int, str]:
     return code, stderr.getvalue()
 
 
-def _logged(run_dir) -> dict:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+def _logged(trained_run, report: dict) -> dict:
+    """What training logged for the weights the report scored: the EMA's are the record's
+    `map`, ..., the raw weights' `raw_map`, ... when the EMA was scored first."""
+    record = next(r for r in trained_run.records if r["epoch"] == report["epoch"])
+    prefix = "raw_" if report["weights"] == "model" and "raw_map" in record else ""
+    return {key.removeprefix(prefix): value for key, value in record.items() if key.startswith(prefix)}
 
 
 def test_eval_of_a_run_dir_scores_best_pt_exactly_as_training_logged_it(trained_run, tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    run_dir, _, _ = trained_run
+    run_dir = trained_run.run_dir
     output = tmp_path / "scores"
     result = _tool("cli.evaluate", run_dir, "--output", output)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((output / "metrics.json").read_text())
-    logged = _logged(run_dir)
+    logged = _logged(trained_run, report)
     for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"):
         assert report["metrics"][key] == pytest.approx(logged[key], abs=1e-6), key
     assert report["metrics"]["map_per_class"] == pytest.approx(logged["map_per_class"], abs=1e-6)
-    assert report["model"].endswith("best.pt") and report["epoch"] == 1
+    state = trained_run.trainer.state
+    assert report["model"].endswith("best.pt") and (report["epoch"], report["weights"]) == (state.best_epoch,
+                                                                                           state.best_weights)
+    assert logged["map"] == pytest.approx(state.best_metric, abs=1e-12)
     # The results file is what pycocotools itself scores to that mAP.
     gt = COCO(report["annotations"])
     scored = COCOeval(gt, gt.loadRes(str(output / "detections.json")), iouType="bbox")
@@ -87,7 +79,7 @@ def test_eval_of_a_run_dir_scores_best_pt_exactly_as_training_logged_it(trained_
 
 
 def test_eval_of_the_export_matches_eval_of_best_pt(trained_run, tmp_path):
-    run_dir, overrides, _ = trained_run
+    run_dir, overrides = trained_run.run_dir, trained_run.overrides
     assert _in_process("cli.evaluate", run_dir, "--output", tmp_path / "ckpt")[0] == 0
     # An exported folder has no run config: the data keys come from the command line.
     data_keys = [o for o in overrides if o.startswith(("data.", "training.batch_size"))]
@@ -107,7 +99,7 @@ def _image_folder(synthetic_root, target, count: int = 6):
 
 
 def test_predict_draws_every_image_and_skips_an_unreadable_one(trained_run, synthetic_root, tmp_path):
-    run_dir, _, _ = trained_run
+    run_dir = trained_run.run_dir
     images = _image_folder(synthetic_root, tmp_path / "images")
     (images / "broken.jpg").write_bytes(b"not an image")
     output = tmp_path / "seen"
@@ -128,7 +120,7 @@ def test_predict_draws_every_image_and_skips_an_unreadable_one(trained_run, synt
 def test_predict_matches_the_transformers_pipeline_on_the_export(trained_run, synthetic_root, tmp_path):
     from transformers import pipeline
 
-    run_dir, _, _ = trained_run
+    run_dir = trained_run.run_dir
     images = _image_folder(synthetic_root, tmp_path / "images", count=3)
     output = tmp_path / "ours"
     code, stderr = _in_process("cli.predict", run_dir / "hf_model", images, "--output", output, "--threshold", "0.05",
@@ -150,7 +142,7 @@ def test_predict_matches_the_transformers_pipeline_on_the_export(trained_run, sy
 
 
 def test_bad_input_gets_one_line_and_nothing_is_overwritten(trained_run, synthetic_root, tmp_path):
-    run_dir, _, _ = trained_run
+    run_dir = trained_run.run_dir
     images = _image_folder(synthetic_root, tmp_path / "images", count=2)
     taken = tmp_path / "taken"
     taken.mkdir()

@@ -1,17 +1,15 @@
 """End-of-epoch pictures: curves, per-class AP and PR curves, prediction images, TensorBoard.
 
-Each test trains the tiny model for an epoch or two on the shared small synthetic set and
-looks at what landed in the run directory.
+Most tests look at what the shared trained run (conftest) left in its run directory; the
+others train the tiny model for an epoch or two on the shared small synthetic set.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,19 +23,14 @@ from detr_train.errors import ConfigError
 from detr_train.reporting import drawing, plots
 from detr_train.reporting import tensorboard as tb_module
 from detr_train.reporting.visual_callbacks import EvaluationPlots, TrainingCurves, visual_callbacks
-from tests.conftest import SMALL_SYNTHETIC, compose_config, make_trainer
+from tests.conftest import SHARED_RUN_SETTINGS, SHARED_RUN_VIS_IMAGES, SMALL_SYNTHETIC, compose_config, make_trainer, spy_on
 
 pytestmark = pytest.mark.slow
 
-VIS_IMAGES = 2
-# Two short epochs at a raised LR: enough for COCOeval to find some true positives (AP > 0),
-# so the curves have something to agree with. EMA weights are scored, then the raw ones too
-# (raw_map): the pictures must show the first, primary evaluation.
-RUN_SETTINGS = [
-    "training.batch_size=4", "training.log_every=0", "training.progress=false", "training.schedule.warmup_steps=2",
-    "training.subset_size=16", "training.val_subset_size=16", "training.epochs=2", "training.lr=3e-3",
-    "training.ema.enabled=true", "training.ema.eval_raw=true", "training.ema.decay=0.5", "training.ema.warmup_steps=1",
-]
+VIS_IMAGES = SHARED_RUN_VIS_IMAGES
+# The shared run's settings: its EMA weights are scored, then the raw ones too (raw_map), so
+# the pictures must show the first, primary evaluation.
+RUN_SETTINGS = SHARED_RUN_SETTINGS
 # Numbers of a record that measure time, and so differ between two identical runs.
 TIMINGS = ("epoch_time", "eval_time", "raw_eval_time", "data_wait_fraction")
 
@@ -68,35 +61,11 @@ def _temp_files(folder: Path) -> list[Path]:
 
 def _spy(monkeypatch, name: str) -> list[dict]:
     """Record every call of plots.<name>, then call the real function."""
-    real, calls = getattr(plots, name), []
-
-    def spy(*args, **kwargs):
-        calls.append({"args": args, "kwargs": kwargs})
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(plots, name, spy)
-    return calls
+    return spy_on(monkeypatch, plots, name)
 
 
-@pytest.fixture(scope="module")
-def pictured_run(synthetic_root, tmp_path_factory):
-    """One run with every picture switched on (TensorBoard where installed)."""
-    run_dir = tmp_path_factory.mktemp("pictured") / "run"
-    with_tensorboard = importlib.util.find_spec("tensorboard") is not None
-    cfg = compose_config(_overrides(synthetic_root, f"training.vis_images={VIS_IMAGES}",
-                                    # Every predicted box drawn: a barely trained model scores low.
-                                    "training.vis_score_threshold=0.0", f"training.tensorboard={with_tensorboard}"))
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        per_class_calls = _spy(monkeypatch, "plot_per_class_ap")
-        pr_calls = _spy(monkeypatch, "plot_precision_recall")
-        trainer = make_trainer(Plan(cfg, run_dir))
-        trainer.fit()
-    return SimpleNamespace(run_dir=run_dir, trainer=trainer, per_class_calls=per_class_calls, pr_calls=pr_calls,
-                           records=_records(run_dir), tensorboard=with_tensorboard)
-
-
-def test_plots_are_valid_pngs_at_stable_names(pictured_run):
-    run_dir = pictured_run.run_dir
+def test_plots_are_valid_pngs_at_stable_names(trained_run):
+    run_dir = trained_run.run_dir
     for path in (run_dir / "training_curves.png", run_dir / "plots" / "per_class_ap.png",
                  run_dir / "plots" / "pr_curves.png"):
         _assert_valid_png(path)
@@ -104,14 +73,14 @@ def test_plots_are_valid_pngs_at_stable_names(pictured_run):
     assert not _temp_files(run_dir)
 
 
-def test_per_class_ap_and_pr_curves_come_from_the_runs_cocoeval(pictured_run):
-    evaluated = [record for record in pictured_run.records if "map" in record]
-    assert len(evaluated) == 2 == len(pictured_run.per_class_calls) == len(pictured_run.pr_calls)
+def test_per_class_ap_and_pr_curves_come_from_the_runs_cocoeval(trained_run):
+    evaluated = [record for record in trained_run.records if "map" in record]
+    assert len(evaluated) == 2 == len(trained_run.per_class_calls) == len(trained_run.pr_calls)
     assert any(record["map"] > 0 for record in evaluated), "the run should find some true positives"
     # EMA and raw weights score differently here, so agreeing with `map` means the primary evaluation.
     assert all(record["map_per_class"] != record["raw_map_per_class"] for record in evaluated)
-    class_names = pictured_run.trainer.data.class_names
-    for record, bars, curves in zip(evaluated, pictured_run.per_class_calls, pictured_run.pr_calls):
+    class_names = trained_run.trainer.data.class_names
+    for record, bars, curves in zip(evaluated, trained_run.per_class_calls, trained_run.pr_calls):
         # The bars are the logged per-class AP, number for number.
         assert bars["args"][0] == record["map_per_class"]
         precision, recall_thresholds, names, path = curves["args"][:4]
@@ -127,10 +96,10 @@ def test_per_class_ap_and_pr_curves_come_from_the_runs_cocoeval(pictured_run):
         assert float(np.mean(valid[valid > -1])) == pytest.approx(record["map"], abs=1e-12)
 
 
-def test_prediction_images_for_exactly_n_fixed_val_images(pictured_run, tmp_path):
-    val = pictured_run.trainer.data.val
+def test_prediction_images_for_exactly_n_fixed_val_images(trained_run, tmp_path):
+    val = trained_run.trainer.data.val
     stems = sorted(Path(val.image_info(i)["file_name"]).stem for i in range(VIS_IMAGES))
-    folders = sorted((pictured_run.run_dir / "vis").iterdir())
+    folders = sorted((trained_run.run_dir / "vis").iterdir())
     assert [folder.name for folder in folders] == ["epoch_0001", "epoch_0002"]
     for folder in folders:
         assert sorted(path.stem for path in folder.iterdir()) == stems
@@ -152,15 +121,15 @@ def test_prediction_images_for_exactly_n_fixed_val_images(pictured_run, tmp_path
         assert predictions_side.sum() > 20, "the predicted boxes are drawn"
 
 
-def test_tensorboard_holds_every_metrics_scalar_and_the_pictures(pictured_run):
+def test_tensorboard_holds_every_metrics_scalar_and_the_pictures(trained_run):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert pictured_run.tensorboard
-    accumulator = EventAccumulator(str(pictured_run.run_dir / "tensorboard"), size_guidance={"images": 0})
+    assert trained_run.tensorboard
+    accumulator = EventAccumulator(str(trained_run.run_dir / "tensorboard"), size_guidance={"images": 0})
     accumulator.Reload()
     tags = accumulator.Tags()
-    for record in pictured_run.records:
+    for record in trained_run.records:
         expected = dict(tb_module.record_scalars(record))
         assert {"train/loss", "lr", "val/map", "val/map_50", "val/map_small", "time/epoch_time"} <= set(expected)
         assert set(expected) <= set(tags["scalars"])
@@ -168,11 +137,11 @@ def test_tensorboard_holds_every_metrics_scalar_and_the_pictures(pictured_run):
             logged = {event.step: event.value for event in accumulator.Scalars(tag)}
             assert logged[record["global_step"]] == pytest.approx(value, rel=1e-6), tag
     assert set(tags["images"]) == {"predictions/0", "predictions/1", "plots/per_class_ap/0", "plots/pr_curves/0"}
-    steps = [record["global_step"] for record in pictured_run.records]
+    steps = [record["global_step"] for record in trained_run.records]
     assert [event.step for event in accumulator.Images("predictions/0")] == steps
 
 
-def test_a_drawing_failure_warns_and_the_run_finishes_unchanged(pictured_run, synthetic_root, tmp_path,
+def test_a_drawing_failure_warns_and_the_run_finishes_unchanged(trained_run, synthetic_root, tmp_path,
                                                                 monkeypatch, caplog):
     real_curves = plots.plot_training_curves
 
@@ -205,8 +174,8 @@ def test_a_drawing_failure_warns_and_the_run_finishes_unchanged(pictured_run, sy
     assert any("Could not draw the precision-recall curves after epoch 1" in w for w in warnings)
     assert any("Could not draw the prediction images after epoch 2" in w for w in warnings)
     # The same run as the one that drew everything: same metrics, same checkpoints.
-    assert _without_timings(_records(run_dir)) == _without_timings(pictured_run.records)
-    assert best == max(record["map"] for record in pictured_run.records)
+    assert _without_timings(_records(run_dir)) == _without_timings(trained_run.records)
+    assert best == max(record["map"] for record in trained_run.records)
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     # Epoch 1's picture survives epoch 2's failed write whole; no temp file is left.
     _assert_valid_png(run_dir / "training_curves.png")

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detr_train.config.augment import validate_augment_config
 from detr_train.config.resize_schedule import validate_resize_schedule
+from detr_train.config.synthetic import check_generate_settings
 from detr_train.errors import ConfigError
 
 # transformers' DeformableDetrConfig stores these as int.
@@ -106,6 +107,8 @@ def check_config(cfg: DictConfig) -> None:
     _check_model(cfg.model)
     _check_backbone(cfg.model.backbone)
     validate_augment_config(cfg.data.augment)
+    if cfg.data.name == "synthetic" and cfg.data.generate is not None:
+        check_generate_settings(cfg.data.generate)
     _check_whole("model.loss", cfg.model.loss, WHOLE_LOSS_KEYS)
     _check_each_positive("training.schedule.step_epochs", cfg.training.schedule.step_epochs)
     _check_each_positive("model.backbone.hidden_sizes", cfg.model.backbone.hidden_sizes)

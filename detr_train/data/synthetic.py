@@ -30,9 +30,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter, ImageStat
 
+from detr_train.config.synthetic import SHAPES, check_generate_settings
+
 log = logging.getLogger(__name__)
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 _FINGERPRINT_FILE = "generator.json"
 _FORMAT_VERSION = 1
 
@@ -63,28 +64,6 @@ def _settings_dict(gen_cfg) -> dict:
     if getattr(gen_cfg, "small_shapes", False):
         settings["small_shapes"] = True
     return settings
-
-
-def _check_settings(settings: dict) -> None:
-    """Raise ValueError naming the `data.generate` key that cannot be generated."""
-    unknown = [c for c in settings["classes"] if c not in SHAPES]
-    if unknown:
-        raise ValueError(f"data.generate.classes: unknown shape(s) {unknown}; known shapes: {list(SHAPES)}")
-    size_range = settings.get("image_size_range")
-    if (settings["image_size"] is None) == (size_range is None):
-        raise ValueError(
-            "data.generate: set exactly one of image_size (square images) and image_size_range "
-            f"([min, max] per image); got image_size={settings['image_size']}, image_size_range={size_range}"
-        )
-    if size_range is not None and not (len(size_range) == 2 and 0 < size_range[0] <= size_range[1]):
-        raise ValueError(f"data.generate.image_size_range must be [min, max] with 0 < min <= max, got {size_range}")
-    smallest_side = settings["image_size"] if size_range is None else size_range[0]
-    low, high = settings["min_object_size"], settings["max_object_size"]
-    if not 0 < low <= high <= smallest_side:
-        raise ValueError(
-            "data.generate: need 0 < min_object_size <= max_object_size <= the smallest image side "
-            f"({smallest_side}); got min_object_size={low}, max_object_size={high}"
-        )
 
 
 def _random_colour(rng: random.Random, avoid: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
@@ -234,7 +213,7 @@ def _write_split(root: Path, split: str, count: int, rng: random.Random, setting
 def generate_synthetic_dataset(root: Path, gen_cfg) -> None:
     """Write train/val images and COCO json under `root`, deterministically from the settings."""
     settings = _settings_dict(gen_cfg)
-    _check_settings(settings)
+    check_generate_settings(settings)
     # Generate into a sibling folder and swap it in, so an interrupted generation
     # never leaves a half-written dataset that looks complete.
     staging = root.with_name(root.name + ".partial")
