@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from detr_train.checkpointing.plan import Plan
 from detr_train.checkpointing.state import TrainState
 from detr_train.config import config_dir
 from detr_train.training.loop import EpochPlan, to_device, train_one_epoch
-from detr_train.training.trainer import Trainer
+from detr_train.training.trainer import Trainer, trainer_for
 
 
 def _trainer(root: Path) -> Trainer:
@@ -40,7 +41,8 @@ def _trainer(root: Path) -> Trainer:
             f"data.root={root / 'data'}", "data.generate.num_train=64", "data.generate.num_val=8",
             "data.num_workers=1", "training.progress=false", "training.log_every=0",
         ])
-    return Trainer(cfg, root / "run")
+    # A new run without callbacks: only its steps are timed.
+    return trainer_for(Plan(cfg, root / "run"))
 
 
 def _pinned(batch: dict) -> dict:

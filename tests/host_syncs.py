@@ -417,12 +417,14 @@ def build_r50_trainer(root: Path) -> Trainer:
     # Imported here: the counter itself must stay cheap to import.
     from hydra import compose, initialize_config_dir
 
+    from detr_train.checkpointing.plan import Plan
     from detr_train.config import config_dir
-    from detr_train.training.trainer import Trainer
+    from detr_train.training.trainer import trainer_for
 
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"data.root={root / 'data'}", *R50_OVERRIDES])
-    return Trainer(cfg, root / "run")
+    # A new run with no callbacks: one step is all that is counted.
+    return trainer_for(Plan(cfg, root / "run"))
 
 
 def undo_fast_paths(model: torch.nn.Module) -> None:

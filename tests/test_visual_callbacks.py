@@ -23,7 +23,14 @@ from detr_train.errors import ConfigError
 from detr_train.reporting import drawing, plots
 from detr_train.reporting import tensorboard as tb_module
 from detr_train.reporting.visual_callbacks import EvaluationPlots, TrainingCurves, visual_callbacks
-from tests.conftest import SHARED_RUN_SETTINGS, SHARED_RUN_VIS_IMAGES, SMALL_SYNTHETIC, compose_config, make_trainer, spy_on
+from tests.conftest import (
+    SHARED_RUN_SETTINGS,
+    SHARED_RUN_VIS_IMAGES,
+    SMALL_SYNTHETIC,
+    compose_config,
+    make_trainer,
+    spy_on,
+)
 
 pytestmark = pytest.mark.slow
 

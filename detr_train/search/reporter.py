@@ -1,13 +1,13 @@
 """The job side of the search: report validation mAP to the Optuna trial, ask whether to stop.
 
-The training loop does, once per evaluated epoch:
+Inside a search, the run's `search.callbacks.ReportToTrial` does, after each evaluated epoch:
 
-    reporter = reporter_for(cfg.trial)        # a no-op outside a search
-    reporter.report(epoch, metrics["map"])    # epoch is 1-based
-    if reporter.should_prune():
-        break                                 # end cleanly; the sweeper records PRUNED
-    ...
-    reporter.interrupted("SIGTERM")           # when a signal stopped the run before its end
+    reporter.report(epoch, result.map)        # epoch is 1-based
+    if not the last epoch and reporter.should_prune():
+        trainer.request_stop(...)             # a normal end: the sweeper records PRUNED
+
+and `reporter.interrupted(reason)` when a signal stops the run before its end (the trial is
+then recorded FAIL and the sweep stops, to be resumed). `reporter_for(cfg.trial)` builds it.
 
 Optuna is imported only when `cfg.trial.number` is set, so plain runs and `--help` never
 pay for it.
