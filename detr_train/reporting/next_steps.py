@@ -29,7 +29,7 @@ def next_steps(run_dir: Path, best_map: float, best_epoch: int, images_dir: Path
     if stopped:
         lines.append(f"Stopped {stopped}; continue with:  detr-train training.resume={run}")
     lines.append(f"Score it again:       detr-train-eval {run}")
-    images = shlex.quote(str(images_dir)) if images_dir is not None else "<images>"
+    images = shlex.quote(str(Path(images_dir).absolute())) if images_dir is not None else "<images>"
     lines.append(f"Draw its detections:  detr-train-predict {run} {images}")
     return lines
 

@@ -182,8 +182,8 @@ class Trainer:
             if self.stop_request is not None and self.stop_request.interrupted:
                 self.callbacks.emit("on_interrupt", self, self._position())
             else:
-                self.callbacks.emit("on_fit_end", self)
                 log.info("Best validation mAP %.4f at epoch %d", self.state.best_metric, self.state.best_epoch)
+                self.callbacks.emit("on_fit_end", self)
         finally:
             self.callbacks.emit("close")
         return max(self.state.best_metric, 0.0)
