@@ -67,6 +67,8 @@ CONFIG_MISTAKES = [
     (["data=nope"], "Could not find 'data/nope'"),
     (["data=coco", "data.root=/x", "data.generate.num_train=5"], "data.generate.num_train=5"),
     (["budget.max_epochs=0"], "budget.max_epochs must be >= 1 or null, got 0"),
+    (["model.backbone.type=resnet", "model.backbone.norm=group_norm"],
+     "model.backbone.norm=group_norm is kept only to resume runs trained with it"),
 ]
 
 

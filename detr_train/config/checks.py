@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detr_train.config.augment import validate_augment_config
 from detr_train.config.resize_schedule import validate_resize_schedule
+from detr_train.config.schema import BackboneNorm
 from detr_train.config.synthetic import check_generate_settings
 from detr_train.errors import ConfigError
 
@@ -189,6 +190,13 @@ BACKBONE_TYPES = ("resnet", "bit", "convnext", "timm")
 def _check_backbone(backbone: DictConfig) -> None:
     if backbone.type not in BACKBONE_TYPES:
         raise ConfigError(f"model.backbone.type must be one of {', '.join(BACKBONE_TYPES)}, got {backbone.type!r}")
+    if backbone.type == "resnet" and backbone.norm == BackboneNorm.group_norm:
+        # Runs trained with it still resume: a resume builds the model from the checkpoint's config.
+        raise ConfigError(
+            "model.backbone.norm=group_norm is kept only to resume runs trained with it: its model cannot be "
+            "exported, and the default BiT backbone now learns faster",
+            hint="train from scratch with the default model (model=deformable_detr_tiny, a BiT backbone)",
+        )
     if backbone.type == "timm" and not (backbone.name or backbone.pretrained):
         raise ConfigError("model.backbone.type=timm needs model.backbone.name (a timm model, e.g. resnet50)")
     for position, feature in enumerate(backbone.out_features):
