@@ -73,7 +73,6 @@ import functools
 import gc
 import json
 import math
-import platform
 import re
 import statistics
 import tempfile
@@ -85,6 +84,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from machine import environment
 
 from detr_train.checkpointing.state import TrainState
 from detr_train.config import config_dir
@@ -220,26 +220,6 @@ def cells_to_run(args: argparse.Namespace) -> list[Cell]:
 
 
 # --- environment and shapes
-
-
-def environment(device: torch.device) -> dict:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    cuda = device.type == "cuda"
-    return {
-        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'unknown'}, "
-                                                                    f"{torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda if cuda else "n/a",
-    }
 
 
 def compose_config(model_size: str, overrides: list[str]):

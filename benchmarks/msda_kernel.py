@@ -73,7 +73,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -82,6 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from machine import environment
 
 SEED = 0
 NAMED_SHAPES = {"800x1066": (800, 1066), "bdd": (720, 1280)}  # (height, width) of the input image
@@ -203,27 +203,6 @@ def geometry(case: Case, args: argparse.Namespace) -> dict:
 
 
 # --- environment and dtypes
-
-
-def environment(device: torch.device) -> dict:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    cuda = device.type == "cuda"
-    return {
-        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'unknown'}, "
-                                                                    f"{torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda if cuda else "n/a",
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
-    }
 
 
 FP32_DTYPES = {"value": torch.float32, "locations": torch.float32, "weights": torch.float32}
