@@ -179,6 +179,12 @@ def test_pr_plot_from_cocoeval_arrays(tmp_path, coco_eval_result):
     width, height = _png_size(path)
     assert width > 1200 and 400 <= height <= 700
     assert _temp_files(tmp_path) == []
+    # A curve (and a legend line) in the colour of each class with ground truth, none for the
+    # class without (bird). The lines are antialiased and drawn at alpha 0.9: near the colour.
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=int)
+    near = {name: int((np.abs(pixels - class_color(k)).max(axis=2) <= 30).sum()) for k, name in enumerate(class_names)}
+    assert near["cat"] > 200 and near["dog"] > 200 and near["bird"] == 0, near
     with pytest.raises(ValueError, match="class names"):
         plot_precision_recall(evaluator.eval["precision"], evaluator.params.recThrs, class_names[:2],
                               tmp_path / "bad.png")
