@@ -268,9 +268,10 @@ LEGACY = ["training.schedule.name=step", "training.schedule.step_epochs=[2]", "t
           "model.encoder_ffn_dim=64", "model.decoder_ffn_dim=64", "model.num_queries=5",
           "model.encoder_attention_heads=2", "model.decoder_attention_heads=2", "model.backbone.embedding_size=8",
           "model.backbone.hidden_sizes=[8,16,32]",
-          # The first release's defaults that have changed since: its backbone and gradient clip.
+          # The first release's defaults that have changed since: its backbone, gradient clip and
+          # decoder (no box refinement, no two-stage proposals).
           "model.backbone.type=resnet", "model.backbone.layer_type=basic", "model.backbone.norm=group_norm",
-          "training.grad_clip=0.1"]
+          "training.grad_clip=0.1", "model.with_box_refine=false", "model.two_stage=false"]
 
 
 def _assert_close_records(got: list[dict], expected: list[dict]) -> None:
