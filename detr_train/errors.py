@@ -66,10 +66,8 @@ def own_message(error: BaseException | str) -> str:
     if isinstance(error, str) or not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
         return text
     # The traceback ends with "<module>.<ExceptionName>: <message>", the message perhaps on several lines.
-    last = None
-    for last in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(error).__name__)}: ", text, flags=re.MULTILINE):
-        pass
-    return text[last.end():].strip() if last else text
+    ends = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(error).__name__)}: ", text, flags=re.MULTILINE))
+    return text[ends[-1].end():].strip() if ends else text
 
 
 def format_error(error: BaseException | str, hint: str | None = None, *, program: str = PROGRAM) -> str:

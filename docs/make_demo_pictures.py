@@ -17,19 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from PIL import Image
 
-from detr_train.data.sources import coco_paths
+from detr_train.data.sources import validation_images_of_run
 
 DOCS = Path(__file__).resolve().parent
-
-
-def _validation_images(run_dir: Path) -> Path:
-    images = coco_paths(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data).val_images
-    # A relative data.root is relative to where the run was started, which Hydra recorded.
-    started_in = Path(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd)
-    return images if images.is_absolute() else started_in / images
 
 
 def _grid(paths: list[Path], columns: int, gap: int = 4) -> Image.Image:
@@ -52,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         chosen = Path(tmp) / "images"
         chosen.mkdir()
-        for path in sorted(_validation_images(args.run_dir).glob("*.png"))[:args.images]:
+        for path in sorted(validation_images_of_run(args.run_dir).glob("*.png"))[:args.images]:
             shutil.copyfile(path, chosen / path.name)
         drawn = Path(tmp) / "drawn"
         subprocess.run([sys.executable, "-m", "detr_train.cli.predict", str(args.run_dir), str(chosen),

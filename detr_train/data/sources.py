@@ -41,3 +41,16 @@ def coco_paths(data_cfg) -> SplitPaths:
         val_images=resolve_under_root(root, data_cfg.val_images),
         val_ann=resolve_under_root(root, data_cfg.val_ann),
     )
+
+
+def validation_images_of_run(run_dir: Path) -> Path:
+    """The validation images of the run in `run_dir`, from the config Hydra saved there. A
+    relative `data.root` is taken from where the run was started, which Hydra recorded too.
+    Raises OSError or an OmegaConf error when the run's files are missing or unreadable."""
+    from omegaconf import OmegaConf
+
+    hydra_dir = Path(run_dir) / ".hydra"
+    images = coco_paths(OmegaConf.load(hydra_dir / "config.yaml").data).val_images
+    if images.is_absolute():
+        return images
+    return Path(OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.cwd) / images

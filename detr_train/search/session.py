@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from optuna.distributions import check_distribution_compatibility
 from optuna.trial import Trial, TrialState
 
-from detr_train.data.sources import coco_paths
+from detr_train.data.sources import validation_images_of_run
 from detr_train.reporting.next_steps import next_steps
 from detr_train.search import attrs, export, plots
 from detr_train.search.errors import SearchConfigError, SweepInterrupted, TooManyFailedTrials
@@ -325,8 +325,7 @@ def _full_budget_overrides(config: DictConfig) -> list[str]:
 
 
 def _validation_images(run_dir: Path) -> Path | None:
-    """The validation images of the run in `run_dir`, from the config Hydra saved there."""
     try:
-        return coco_paths(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data).val_images
+        return validation_images_of_run(run_dir)
     except (OSError, OmegaConfBaseException):
         return None
