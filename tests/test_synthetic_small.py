@@ -161,8 +161,32 @@ def test_square_generation_is_unchanged(tmp_path):
         ({"image_size_range": None}, "exactly one of image_size"),
         ({"image_size_range": [640, 320]}, "image_size_range"),
         ({"max_object_size": 400}, "max_object_size"),
+        ({"class_weights": [1.0, 1.0]}, "class_weights"),
+        ({"class_weights": [1.0, -1.0, 1.0]}, "class_weights"),
     ],
 )
 def test_bad_generate_settings_raise(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         generate_synthetic_dataset(tmp_path / "bad", small_generate(**overrides))
+
+
+def test_class_weights_make_a_class_rare(tmp_path):
+    """Objects are drawn per class in proportion to `class_weights`; a weight of 0 never draws."""
+    gen = small_generate(classes=["circle", "square", "cross"], class_weights=[1.0, 0.0, 0.25])
+    gen.num_train, gen.num_val = 60, 0
+    generate_synthetic_dataset(tmp_path / "rare", gen)
+    labels = [ann["category_id"] for ann in json.loads((tmp_path / "rare/annotations/train.json").read_text())["annotations"]]
+    circles, squares, crosses = (labels.count(i) for i in (1, 2, 3))
+    assert squares == 0 and len(labels) > 200
+    # Binomial(n, 0.2): the share of crosses lies within 4 standard deviations of 1/5.
+    share, sd = crosses / len(labels), math.sqrt(0.2 * 0.8 / len(labels))
+    assert abs(share - 0.2) < 4 * sd
+
+
+def test_rare_preset_composes_and_its_rare_class_is_rare():
+    data = OmegaConf.load(CONF / "synthetic_small_rare.yaml")
+    gen = data.generate
+    assert set(data) == set(OmegaConf.load(CONF / "synthetic.yaml"))
+    weights = dict(zip(gen.classes, gen.class_weights))
+    assert weights["cross"] * 10 < min(w for c, w in weights.items() if c != "cross")
+    assert gen.max_object_size ** 2 < SMALL_AREA  # every box COCO-"small"

@@ -127,6 +127,9 @@ class GenerateConfig:
     image_size_range: Optional[List[int]] = None  # [min, max]: width and height drawn in it
     small_shapes: bool = False  # antialiased tiny shapes (data=synthetic_small)
     classes: List[str] = MISSING
+    # Relative frequency of each class among the drawn objects (null: all equal), e.g. one
+    # rare class to measure data.sampler=repeat_factor.
+    class_weights: Optional[List[float]] = None
     max_objects: int = MISSING
     min_object_size: int = MISSING
     max_object_size: int = MISSING

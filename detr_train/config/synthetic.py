@@ -20,6 +20,12 @@ def check_generate_settings(settings: Any) -> None:
     unknown = [c for c in get("classes") if c not in SHAPES]
     if unknown:
         raise ConfigError(f"data.generate.classes: unknown shape(s) {unknown}; known shapes: {list(SHAPES)}")
+    weights = get("class_weights")
+    if weights is not None and (len(weights) != len(get("classes")) or min(weights) < 0 or sum(weights) <= 0):
+        raise ConfigError(
+            f"data.generate.class_weights must give one weight >= 0 per class ({len(get('classes'))}) "
+            f"with a positive sum, got {list(weights)}"
+        )
     image_size, size_range = get("image_size"), get("image_size_range")
     if (image_size is None) == (size_range is None):
         raise ConfigError(

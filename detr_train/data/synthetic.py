@@ -7,7 +7,8 @@ reused by later runs; changed settings regenerate the folder.
 
 Images are square (`image_size`) or, with `image_size_range: [min, max]`, of a size
 drawn per image: width and height each in [min, max], landscape like dashcam frames
-(`data=synthetic_small`, a stand-in for BDD100K's small traffic lights). `small_shapes`
+(`data=synthetic_small`, a stand-in for BDD100K's small traffic lights). `class_weights`
+makes some classes rarer than others, as BDD100K's riders and trains are. `small_shapes`
 renders for objects of a few pixels: each shape is drawn at 4x and averaged down, so it
 keeps its outline (partial coverage at the edges) instead of collapsing into a blob like
 its neighbours, and its colour is kept far from the background under it (not only from
@@ -63,6 +64,9 @@ def _settings_dict(gen_cfg) -> dict:
         settings["image_size_range"] = [int(v) for v in size_range]
     if getattr(gen_cfg, "small_shapes", False):
         settings["small_shapes"] = True
+    class_weights = getattr(gen_cfg, "class_weights", None)
+    if class_weights is not None:
+        settings["class_weights"] = [float(w) for w in class_weights]
     return settings
 
 
@@ -169,7 +173,11 @@ def _make_image(rng: random.Random, settings: dict) -> tuple[Image.Image, list[t
                 break
         else:
             continue
-        label = rng.randrange(len(settings["classes"]))
+        weights = settings.get("class_weights")
+        if weights is None:
+            label = rng.randrange(len(settings["classes"]))
+        else:
+            label = rng.choices(range(len(settings["classes"])), weights=weights)[0]
         if settings.get("small_shapes"):
             local = tuple(round(v) for v in ImageStat.Stat(image.crop(box)).mean)
             colour = _contrasting_colour(rng, avoid=(background, local))
