@@ -102,14 +102,12 @@ def image_confusion(gt_boxes: torch.Tensor, gt_labels: Sequence[int], det_boxes:
                 continue
             det_matched[d] = gt_matched[g] = True
             counts[gt_labels[g], det_labels[d]] += 1
-    for g in np.flatnonzero(~gt_matched):
-        counts[gt_labels[g], num_classes] += 1
+    np.add.at(counts[:, num_classes], np.asarray(gt_labels, dtype=np.int64)[~gt_matched], 1)
     leftover = np.flatnonzero(~det_matched)
     if len(leftover) and crowd_boxes is not None and len(crowd_boxes):
         in_crowd = (_coverage_of_detections(det_boxes[leftover], crowd_boxes) >= iou_threshold).any(dim=1).numpy()
         leftover = leftover[~in_crowd]
-    for d in leftover:
-        counts[num_classes, det_labels[d]] += 1
+    np.add.at(counts[num_classes], np.asarray(det_labels, dtype=np.int64)[leftover], 1)
     return counts
 
 
