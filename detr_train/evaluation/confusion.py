@@ -86,8 +86,8 @@ def _coverage_of_detections(detections: torch.Tensor, regions: torch.Tensor) -> 
 def image_confusion(gt_boxes: torch.Tensor, gt_labels: Sequence[int], det_boxes: torch.Tensor,
                     det_labels: Sequence[int], det_scores: Sequence[float], num_classes: int, *,
                     crowd_boxes: torch.Tensor | None = None, iou_threshold: float = IOU_THRESHOLD) -> np.ndarray:
-    """The [K + 1, K + 1] counts of one image (boxes xyxy; detections already above the score
-    threshold; labels 0..K-1, K is background)."""
+    """The [K + 1, K + 1] counts of one image (boxes xyxy; detections already at or above the
+    score threshold; labels 0..K-1, K is background)."""
     counts = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
     det_matched = np.zeros(len(det_labels), dtype=bool)
     gt_matched = np.zeros(len(gt_labels), dtype=bool)

@@ -13,9 +13,9 @@ The curves are redrawn from metrics.jsonl rather than from memory, so a resumed 
 picture includes the epochs before the resume. The per-class AP and the precision-recall
 curves come from the COCOeval run that scored the epoch (`EpochResult.scores`), so they
 agree with the logged mAP to the last digit; the confusion matrix counts the same detections
-(those scoring at least `training.vis_score_threshold`, as the prediction images draw them). Prediction images show the first N
-validation images, the same ones every time, predictions on the left (scored by the same
-weights as the logged mAP) and the ground truth on the right.
+(those scoring at least `training.vis_score_threshold`, as the prediction images draw them).
+Prediction images show the first N validation images, the same ones every time, predictions
+on the left (scored by the same weights as the logged mAP) and the ground truth on the right.
 
 A picture must never cost a training run: every drawing runs inside `_drawing`, which turns
 any error into one warning, and every file is written atomically, so a failure leaves the
