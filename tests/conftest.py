@@ -130,11 +130,13 @@ def trained_run(synthetic_root, tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         per_class_calls = spy_on(monkeypatch, plots, "plot_per_class_ap")
         pr_calls = spy_on(monkeypatch, plots, "plot_precision_recall")
+        confusion_calls = spy_on(monkeypatch, plots, "plot_confusion_matrix")
         trainer = make_trainer(Plan(compose_config(overrides), run_dir))
         trainer.fit()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return SimpleNamespace(run_dir=run_dir, trainer=trainer, overrides=overrides, per_class_calls=per_class_calls,
-                           pr_calls=pr_calls, records=records, tensorboard=with_tensorboard)
+                           pr_calls=pr_calls, confusion_calls=confusion_calls, records=records,
+                           tensorboard=with_tensorboard)
 
 
 def run_cli(args: list[str], *, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):

@@ -74,9 +74,10 @@ def _spy(monkeypatch, name: str) -> list[dict]:
 def test_plots_are_valid_pngs_at_stable_names(trained_run):
     run_dir = trained_run.run_dir
     for path in (run_dir / "training_curves.png", run_dir / "plots" / "per_class_ap.png",
-                 run_dir / "plots" / "pr_curves.png"):
+                 run_dir / "plots" / "pr_curves.png", run_dir / "plots" / "confusion_matrix.png"):
         _assert_valid_png(path)
-    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["per_class_ap.png", "pr_curves.png"]
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["confusion_matrix.png", "per_class_ap.png",
+                                                                     "pr_curves.png"]
     assert not _temp_files(run_dir)
 
 
@@ -143,7 +144,8 @@ def test_tensorboard_holds_every_metrics_scalar_and_the_pictures(trained_run):
         for tag, value in expected.items():
             logged = {event.step: event.value for event in accumulator.Scalars(tag)}
             assert logged[record["global_step"]] == pytest.approx(value, rel=1e-6), tag
-    assert set(tags["images"]) == {"predictions/0", "predictions/1", "plots/per_class_ap/0", "plots/pr_curves/0"}
+    assert set(tags["images"]) == {"predictions/0", "predictions/1", "plots/per_class_ap/0", "plots/pr_curves/0",
+                                   "plots/confusion_matrix/0"}
     steps = [record["global_step"] for record in trained_run.records]
     assert [event.step for event in accumulator.Images("predictions/0")] == steps
 

@@ -6,8 +6,10 @@
 
 The scored images are the ones the run itself evaluates on (its config, overrides
 applied), in the same batches, so the mAP of `best.pt` is the one its metrics.jsonl logged.
-Writes `metrics.json` (mAP, AP50/75, AP small/medium/large, AR, per-class AP), the
-detections as a COCO results file, and the per-class AP and precision-recall plots.
+Writes `metrics.json` (mAP, AP50/75, AP small/medium/large, AR, per-class AP, and the
+confusion matrix's counts at IoU 0.5 and score >= `training.vis_score_threshold`), the
+detections as a COCO results file, and the per-class AP, precision-recall and confusion
+matrix plots.
 Under torchrun each process scores a shard; rank 0 gathers and writes.
 """
 
@@ -28,6 +30,7 @@ log = logging.getLogger("detr_train.eval")
 PROGRAM = "detr-train-eval"
 EVAL_METRICS_FILE = "metrics.json"
 DETECTIONS_FILE = "detections.json"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 
 
 class ClassMismatchError(DetrTrainError, ValueError):
@@ -86,6 +89,7 @@ def _evaluate(args: argparse.Namespace, ctx) -> None:
     from detr_train.data.collate import DetrCollator
     from detr_train.distributed import collectives as distributed
     from detr_train.evaluation.coco import format_per_class_table, load_coco_ground_truth
+    from detr_train.evaluation.confusion import confusion_matrix
     from detr_train.evaluation.evaluator import Evaluator
     from detr_train.evaluation.inference import load_for_inference, locate_model
     from detr_train.modeling.fast_paths import apply_fast_paths
@@ -115,27 +119,35 @@ def _evaluate(args: argparse.Namespace, ctx) -> None:
         return
     metrics = evaluation.metrics
     detections = sorted(evaluation.scores.detections, key=lambda d: (d["image_id"], -d["score"]))
+    scores = evaluation.scores
+    # The detections the run's prediction images draw: one threshold for every picture.
+    confusion = confusion_matrix(scores.ground_truth, scores.detections, scores.image_ids,
+                                 score_threshold=cfg.training.vis_score_threshold)
     claim_output_dir(output, overwrite=args.overwrite)
     report = {"model": str(loaded.source), "weights": loaded.weights, "epoch": loaded.epoch,
-              "annotations": str(data.val_ann), "images": len(data.val), "metrics": metrics}
+              "annotations": str(data.val_ann), "images": len(data.val), "metrics": metrics,
+              "confusion_matrix": confusion.as_dict()}
     atomic_write(output / DETECTIONS_FILE, json.dumps(detections))
-    _plot(evaluation.scores, output)
+    _plot(scores, confusion, output)
     atomic_write(output / EVAL_METRICS_FILE, json.dumps(report, indent=2) + "\n")  # last: the results are complete
     log.info("mAP %.4f (AP50 %.4f, AP75 %.4f, small %.4f, medium %.4f, large %.4f) on %d images of %s",
              metrics["map"], metrics["map_50"], metrics["map_75"], metrics["map_small"], metrics["map_medium"],
              metrics["map_large"], len(data.val), data.val_ann)
     if len(metrics["map_per_class"]) > 1:
         log.info("per-class AP:\n%s", format_per_class_table(metrics["map_per_class"]))
+    log.info("Confusion matrix: %s", confusion.summary())
     log.info("Wrote %s, %s and plots to %s", EVAL_METRICS_FILE, DETECTIONS_FILE, output)
 
 
-def _plot(scores, output: Path) -> None:
-    from detr_train.reporting.plots import plot_per_class_ap, plot_precision_recall
+def _plot(scores, confusion, output: Path) -> None:
+    from detr_train.reporting.plots import plot_confusion_matrix, plot_per_class_ap, plot_precision_recall
 
     plot_per_class_ap(scores.metrics["map_per_class"], output / "per_class_ap.png")
     if scores.precision is not None:
         plot_precision_recall(scores.precision, scores.recall_thresholds, scores.class_names,
                               output / "pr_curves.png")
+    plot_confusion_matrix(confusion.counts, confusion.labels, output / CONFUSION_MATRIX_FILE,
+                          title=f"Confusion matrix ({confusion.describe()})")
 
 
 def main(argv: list[str] | None = None) -> None:

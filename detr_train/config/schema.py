@@ -230,11 +230,12 @@ class TrainingConfig:
     progress: Union[bool, str] = MISSING
     export_hf: bool = MISSING
     # Pictures in the run dir (detr_train/reporting/visual_callbacks.py): training_curves.png every epoch,
-    # plots/per_class_ap.png and plots/pr_curves.png at each evaluation.
+    # plots/per_class_ap.png, plots/pr_curves.png and plots/confusion_matrix.png at each evaluation.
     plots: bool = True
     # Predictions | ground truth on the first N validation images at each evaluation (vis/); 0: none.
     vis_images: int = 0
-    vis_score_threshold: float = 0.3  # predicted boxes below this score are not drawn
+    # Predicted boxes below this score are neither drawn nor counted in the confusion matrix.
+    vis_score_threshold: float = 0.3
     # metrics.jsonl's numbers and the pictures as TensorBoard events (<run dir>/tensorboard); needs
     # the optional tensorboard package.
     tensorboard: bool = False

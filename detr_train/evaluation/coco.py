@@ -67,6 +67,9 @@ class CocoScores:
     recall_thresholds: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)  # in the precision array's class order
     detections: list[dict] = field(default_factory=list)  # what was scored: every rank's (main process)
+    # What they were scored against: the ground truth and the images COCOeval looked at (main process).
+    ground_truth: COCO | None = None
+    image_ids: list[int] = field(default_factory=list)
 
 
 def score_detections(
@@ -84,7 +87,8 @@ def score_detections(
     if not detections:
         metrics = {name: 0.0 for name in STAT_NAMES}
         metrics["map_per_class"] = {names[c]: 0.0 for c in category_ids}
-        return CocoScores(metrics, class_names=[names[c] for c in category_ids])
+        return CocoScores(metrics, class_names=[names[c] for c in category_ids], ground_truth=coco_gt,
+                          image_ids=image_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes([dict(d) for d in detections])
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
@@ -96,7 +100,7 @@ def score_detections(
     per_class = _per_class_ap(evaluator)
     metrics["map_per_class"] = {names[c]: ap for c, ap in zip(evaluator.params.catIds, per_class)}
     return CocoScores(metrics, evaluator.eval["precision"], np.asarray(evaluator.params.recThrs),
-                      [names[c] for c in evaluator.params.catIds])
+                      [names[c] for c in evaluator.params.catIds], ground_truth=coco_gt, image_ids=image_ids)
 
 
 def format_per_class_table(map_per_class: dict[str, float]) -> str:

@@ -1,4 +1,5 @@
-"""What a user looks at after (or during) a run: training curves, per-class AP, PR curves.
+"""What a user looks at after (or during) a run: training curves, per-class AP, PR curves and the
+confusion matrix.
 
 Pure functions with no knowledge of the training loop: the caller hands in metrics.jsonl
 records or COCOeval arrays and gets back a file path.
@@ -25,7 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from detr_train.checkpointing.atomic import atomic_write
-from detr_train.reporting.colors import Color, class_color
+from detr_train.reporting.colors import Color, class_color, readable_text_color
 
 log = logging.getLogger(__name__)
 
@@ -358,4 +359,64 @@ def plot_precision_recall(precision: np.ndarray, recall_thresholds: np.ndarray, 
     axes_row[0].set_ylabel("precision")
     _pr_legend(figure, panel_curves, class_names, [_ap_name(i, iou_thresholds) for i in panels])
     figure.suptitle("Precision-recall (area=all, maxDets=100)")
+    return _save_figure(figure, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Confusion matrix
+# ---------------------------------------------------------------------------------------
+# With more classes than this, cells carry no numbers (they would not fit); the shading and
+# metrics.json's counts remain.
+MAX_ANNOTATED_CONFUSION_CLASSES = 30
+CONFUSION_COLORMAP = "Blues"
+
+
+def confusion_row_shares(counts: np.ndarray) -> np.ndarray:
+    """Each count as a share of its row's total (0 in an empty row): the cells' shading."""
+    counts = np.asarray(counts, dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def _colour_class_labels(labels, class_count: int) -> None:
+    """Class names on their class colour (as in every plot and drawing); background stays plain."""
+    for k, label in enumerate(labels[:class_count]):
+        color = class_color(k)
+        label.set_bbox({"facecolor": _as_matplotlib_color(color), "edgecolor": "none", "pad": 1.5})
+        label.set_color(_as_matplotlib_color(readable_text_color(color)))
+
+
+def plot_confusion_matrix(counts: np.ndarray, labels: Sequence[str], path: Path, *,
+                          title: str = "Confusion matrix") -> Path:
+    """A detection confusion matrix: rows ground truth, columns predicted, the last of each
+    "background" (`evaluation.confusion` says how it is counted); returns `path`.
+
+    Every cell shows its count (up to MAX_ANNOTATED_CONFUSION_CLASSES classes) and is shaded
+    by its share of the row: where the objects of that class went, or for the background row
+    which classes the false detections claimed.
+    """
+    counts = np.asarray(counts)
+    size = len(labels)
+    if counts.shape != (size, size):
+        raise ValueError(f"confusion counts of shape {counts.shape} for {size} labels (classes + background)")
+    shares = confusion_row_shares(counts)
+    annotated = size <= MAX_ANNOTATED_CONFUSION_CLASSES + 1
+    cell = 0.55 if annotated else 0.16
+    side = 3.0 + cell * size
+    figure = Figure(figsize=(side + 1.2, side), layout="constrained")
+    axes = figure.add_subplot()
+    shading = axes.imshow(shares, cmap=CONFUSION_COLORMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(shading, ax=axes, shrink=0.8, label="share of the row")
+    font_size = 9 if size <= 12 else (7 if annotated else 5)
+    if annotated:
+        for (row, column), count in np.ndenumerate(counts):
+            axes.text(column, row, str(int(count)), ha="center", va="center", fontsize=font_size,
+                      color="white" if shares[row, column] > 0.5 else ("black" if count else "tab:gray"))
+    axes.set_xticks(range(size), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=font_size)
+    axes.set_yticks(range(size), labels, fontsize=font_size)
+    _colour_class_labels(axes.get_xticklabels(), size - 1)
+    _colour_class_labels(axes.get_yticklabels(), size - 1)
+    axes.set_xlabel("predicted class (background: object missed)")
+    axes.set_ylabel("ground-truth class (background: false detection)")
+    axes.set_title(title)
     return _save_figure(figure, path)

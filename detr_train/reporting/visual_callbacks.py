@@ -5,15 +5,17 @@ What each writes into the run directory (main process only):
     training_curves.png           every epoch, from metrics.jsonl     training.plots
     plots/per_class_ap.png        at each evaluation (replaced)        training.plots
     plots/pr_curves.png           at each evaluation (replaced)        training.plots
+    plots/confusion_matrix.png    at each evaluation (replaced)        training.plots
     vis/epoch_NNNN/<stem>.jpg     at each evaluation                   training.vis_images=N
     tensorboard/                  every epoch: scalars and images      training.tensorboard
 
 The curves are redrawn from metrics.jsonl rather than from memory, so a resumed run's
 picture includes the epochs before the resume. The per-class AP and the precision-recall
 curves come from the COCOeval run that scored the epoch (`EpochResult.scores`), so they
-agree with the logged mAP to the last digit. Prediction images show the first N
-validation images, the same ones every time, predictions on the left (scored by the same
-weights as the logged mAP) and the ground truth on the right.
+agree with the logged mAP to the last digit; the confusion matrix counts the same detections
+(those scoring at least `training.vis_score_threshold`, as the prediction images draw them).
+Prediction images show the first N validation images, the same ones every time, predictions
+on the left (scored by the same weights as the logged mAP) and the ground truth on the right.
 
 A picture must never cost a training run: every drawing runs inside `_drawing`, which turns
 any error into one warning, and every file is written atomically, so a failure leaves the
@@ -38,6 +40,7 @@ from detr_train.checkpointing.metrics_log import MetricsLog
 from detr_train.config.checks import TENSORBOARD_MISSING
 from detr_train.data.coco import SampleRequest
 from detr_train.errors import ConfigError
+from detr_train.evaluation.confusion import confusion_matrix
 from detr_train.reporting import drawing, plots
 from detr_train.reporting.tensorboard import MissingDependencyError, TensorBoardWriter
 from detr_train.training.callbacks import Callback, EpochResult
@@ -52,6 +55,7 @@ CURVES_FILE = "training_curves.png"
 PLOTS_FOLDER = "plots"
 PER_CLASS_AP_FILE = "per_class_ap.png"
 PR_CURVES_FILE = "pr_curves.png"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 VIS_FOLDER = "vis"
 TENSORBOARD_FOLDER = "tensorboard"
 
@@ -60,7 +64,7 @@ def visual_callbacks(train_cfg: TrainingConfig) -> list[Callback]:
     """The callbacks that `training.plots`, `training.vis_images` and `training.tensorboard` ask for."""
     callbacks: list[Callback] = []
     if train_cfg.plots:
-        callbacks += [TrainingCurves(), EvaluationPlots()]
+        callbacks += [TrainingCurves(), EvaluationPlots(train_cfg.vis_score_threshold)]
     if train_cfg.vis_images:
         callbacks.append(PredictionImages(train_cfg.vis_images, train_cfg.vis_score_threshold))
     if train_cfg.tensorboard:
@@ -101,8 +105,12 @@ class TrainingCurves(Callback):
 
 
 class EvaluationPlots(Callback):
-    """plots/per_class_ap.png and plots/pr_curves.png from the epoch's COCOeval, replaced at
-    each evaluation (the per-class numbers of every evaluation are in metrics.jsonl)."""
+    """plots/per_class_ap.png, plots/pr_curves.png and plots/confusion_matrix.png from the
+    epoch's COCOeval and its detections, replaced at each evaluation (the per-class numbers of
+    every evaluation are in metrics.jsonl; a matrix per epoch there would be noise)."""
+
+    def __init__(self, score_threshold: float):
+        self.score_threshold = score_threshold  # of the detections the confusion matrix counts
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.dist.is_main:
@@ -124,6 +132,15 @@ class EvaluationPlots(Callback):
             with _drawing("the precision-recall curves", result.epoch):
                 paths.append(plots.plot_precision_recall(scores.precision, scores.recall_thresholds,
                                                              scores.class_names, folder / PR_CURVES_FILE))
+        if scores is not None and scores.ground_truth is not None:
+            with _drawing("the confusion matrix", result.epoch):
+                started = time.perf_counter()
+                matrix = confusion_matrix(scores.ground_truth, scores.detections, scores.image_ids,
+                                          score_threshold=self.score_threshold)
+                paths.append(plots.plot_confusion_matrix(
+                    matrix.counts, matrix.labels, folder / CONFUSION_MATRIX_FILE,
+                    title=f"Confusion matrix, epoch {result.epoch} ({matrix.describe()})"))
+                log.debug("confusion matrix drawn in %.2fs", time.perf_counter() - started)
         for path in paths:
             result.add_pictures(f"plots/{path.stem}", [path])
 
@@ -213,7 +230,7 @@ class TensorBoardLogging(Callback):
     """<run dir>/tensorboard: every metrics.jsonl record's numbers (tags as in
     `detr_train.reporting.tensorboard`) at the epoch's global step, and the pictures the
     callbacks before it drew this epoch (`EpochResult.pictures`): `predictions/<i>` (vis
-    images), `plots/per_class_ap/0`, `plots/pr_curves/0`."""
+    images), `plots/per_class_ap/0`, `plots/pr_curves/0`, `plots/confusion_matrix/0`."""
 
     def __init__(self) -> None:
         self.writer: TensorBoardWriter | None = None
