@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from detr_train.config import config_dir
+from detr_train.config.schema import BudgetConfig
 from detr_train.data.augment import AugmentPlan
-from detr_train.data.build import build_augmenter
+from detr_train.data.build import build_augmenter, build_data
 from detr_train.data.coco import CocoDetectionDataset, SampleRequest
 from detr_train.data.collate import DetrCollator
 from detr_train.data.health import REPORT_FILE, dataset_report, health_report, write_report
@@ -151,14 +152,11 @@ def test_dataset_report_counts_classes_sizes_empty_images_and_what_loading_did(t
     assert first["dropped_at_load"] == report["dropped_at_load"] and first["dropped_by_pipeline"] == {}
 
 
-def test_the_run_writes_the_report_once_logs_it_and_warns_of_classes_without_training_boxes(tmp_path, caplog):
-    train_ann, val_ann = _two_splits(tmp_path)
+def test_the_report_is_logged_warns_of_classes_without_training_boxes_and_is_written(tmp_path, caplog):
+    _two_splits(tmp_path)
     cfg = compose_config(["data=coco", f"data.root={tmp_path}", "data.train_images=train/images",
                           "data.val_images=val/images", "data.train_ann=train/ann.json",
                           "data.val_ann=val/ann.json", "data/augment=flip", "data.num_workers=0"])
-    from detr_train.config.schema import BudgetConfig
-    from detr_train.data.build import build_data
-
     bundle = build_data(cfg.data, cfg.training, BudgetConfig())
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="detr_train"):
