@@ -172,8 +172,8 @@ def test_rank_zero_alone_writes_one_run_directory(two_process_run):
     work, _, _ = two_process_run
     assert sorted(p.name for p in work.iterdir()) == ["outputs"]
     (run_dir,) = (work / "outputs" / "ddp").iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "plots",
-                                                         "train.log", "training_curves.png"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "data_report.json", "metrics.jsonl",
+                                                         "plots", "train.log", "training_curves.png"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]

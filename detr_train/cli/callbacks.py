@@ -3,6 +3,8 @@
 The Trainer evaluates each due epoch before any callback sees it; then, per hook, the
 callbacks run in this list's order. Why each stands where it does:
 
+0. DataReport: what the run learns from is in the log and in data_report.json before its
+   first step (it acts only at the start).
 1. LogMetrics: the epoch's line is in metrics.jsonl before anything that may fail or stop.
 2. EarlyStopping: updates its counter before the checkpoint, so that the checkpoint holds
    the counter of the epoch it ends (a resumed run stops where the uninterrupted one would).
@@ -30,7 +32,7 @@ from detr_train.training import callbacks as cb
 def build_callbacks(cfg: DictConfig) -> list[cb.Callback]:
     """The callbacks that `cfg` asks for (see the module docstring for their order)."""
     train_cfg = cfg.training
-    callbacks: list[cb.Callback] = [cb.LogMetrics()]
+    callbacks: list[cb.Callback] = [cb.DataReport(), cb.LogMetrics()]
     if train_cfg.early_stop.patience:
         callbacks.append(cb.EarlyStopping(train_cfg.early_stop.patience, train_cfg.early_stop.min_delta))
     callbacks.append(cb.SaveCheckpoints(train_cfg.checkpoint.every_n_steps))

@@ -84,6 +84,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": (_positive, ">= 1"),
     "data.eval_size": (_positive, ">= 1"),
     "data.max_size_ratio": (lambda v: v >= 1, ">= 1 (longest edge = ratio x shortest edge)"),
+    "data.repeat_threshold": (lambda v: 0 < v <= 1, "in (0, 1] (a fraction of the training images)"),
     "budget.max_epochs": (_positive, ">= 1 or null"),
     "budget.max_train_images": (_positive, ">= 1 or null"),
     "budget.max_val_images": (_positive, ">= 1 or null"),

@@ -49,6 +49,11 @@ class AttentionKernel(str, Enum):
     pytorch = "pytorch"
 
 
+class SamplerName(str, Enum):
+    uniform = "uniform"  # every training image once per epoch
+    repeat_factor = "repeat_factor"  # LVIS repeat-factor sampling: images of rare classes repeat
+
+
 class BackboneNorm(str, Enum):
     frozen_bn = "frozen_bn"
     batch_norm = "batch_norm"
@@ -155,6 +160,9 @@ class DataConfig:
     generate: Optional[GenerateConfig] = None  # synthetic
     uncertain: Optional[str] = None  # bdd100k: ignore | remove | merge
     cache_dir: Optional[str] = None  # bdd100k
+    # Added after format 1: older checkpoints trained on every image once per epoch.
+    sampler: SamplerName = SamplerName.uniform
+    repeat_threshold: float = 0.001  # LVIS's t: classes in fewer than this fraction of images repeat
 
 
 # --- training --------------------------------------------------------------------------

@@ -16,9 +16,11 @@ flip's stream is the bare "(seed)-(epoch)-(index)" string and its first draw is 
 
 Geometry. The drawn parameters are applied with the deterministic functional ops of
 `torchvision.transforms.v2.functional` to the image and to a `tv_tensors.BoundingBoxes`
-together, so box arithmetic is the library's. Boxes are clamped to the image and those
-thinner than 1 px in the final image (cut away by a crop, or shrunk to nothing) are
-dropped together with their labels.
+together, so box arithmetic is the library's. Boxes are clamped to the image, and those
+of which less than 1 px of the *source* image is left (cut away by a crop, or a sliver at
+its edge) are dropped together with their labels. The measure is the source image's
+pixels, not the returned one's: a downscaling resize keeps every small box it shrinks (a
+2x2 px traffic light at scale 0.4 is a 0.8 px target, not a deleted label).
 
 Image type. PIL in, PIL out. The torchvision ops dispatch to PIL's own kernels, which
 on CPU are as fast as the uint8 tensor kernels for the geometry (PIL resizes slower,
@@ -52,8 +54,10 @@ _JITTER_FUNCTIONS = {
     "saturation": F.adjust_saturation,
     "hue": F.adjust_hue,
 }
-# Boxes thinner than this (pixels of the returned image) are dropped.
+# Boxes with less than this left of them, in pixels of the source image, are dropped.
 MIN_BOX_SIDE = 1.0
+# float32 box arithmetic may put a side of exactly MIN_BOX_SIDE an ulp below it.
+_SIDE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -202,19 +206,34 @@ class Augmenter:
         """The final training image (RGB PIL) and its boxes (absolute xywh pixels of it) and labels.
 
         `boxes_xywh` are absolute pixels of `image`, one per entry of `labels`. Boxes
-        cut away by a crop come back dropped, with their labels. When `defers_resize`, the
+        cut away by a crop (less than MIN_BOX_SIDE source pixels left) come back dropped,
+        with their labels. When `defers_resize`, the
         image keeps its size (the processor resizes it to `base_size`).
         """
         if len(boxes_xywh) != len(labels):
             raise ValueError(f"{len(boxes_xywh)} boxes but {len(labels)} labels")
         image = image if image.mode == "RGB" else image.convert("RGB")
         plan = self.plan(image.height, image.width, seed=seed, epoch=epoch, index=index, base_size=base_size)
+        scale_y, scale_x = output_pixels_per_source_pixel(plan, image.height, image.width)
         boxes = _to_bounding_boxes(boxes_xywh, (image.height, image.width))
         image, boxes = apply_plan(plan, image, boxes)
-        boxes, keep = F.sanitize_bounding_boxes(F.clamp_bounding_boxes(boxes), min_size=MIN_BOX_SIDE)
+        xywh = F.convert_bounding_box_format(F.clamp_bounding_boxes(boxes),
+                                             new_format=tv_tensors.BoundingBoxFormat.XYWH).as_subclass(torch.Tensor)
+        keep = ((xywh[:, 2] / scale_x >= MIN_BOX_SIDE - _SIDE_TOLERANCE)
+                & (xywh[:, 3] / scale_y >= MIN_BOX_SIDE - _SIDE_TOLERANCE))
         kept_labels = [int(label) for label, kept in zip(labels, keep.tolist()) if kept]
-        xywh = F.convert_bounding_box_format(boxes, new_format=tv_tensors.BoundingBoxFormat.XYWH)
-        return image, xywh.tolist(), kept_labels
+        return image, xywh[keep].tolist(), kept_labels
+
+
+def output_pixels_per_source_pixel(plan: AugmentPlan, height: int, width: int) -> tuple[float, float]:
+    """(y, x) pixels of the returned image per pixel of the (height, width) source image."""
+    scale_y = scale_x = 1.0
+    if plan.crop is not None:
+        scale_y, scale_x = plan.crop_resize[0] / height, plan.crop_resize[1] / width
+        height, width = plan.crop.height, plan.crop.width
+    if plan.final_size is not None:
+        scale_y, scale_x = scale_y * plan.final_size[0] / height, scale_x * plan.final_size[1] / width
+    return scale_y, scale_x
 
 
 def _to_bounding_boxes(boxes_xywh: Sequence[Sequence[float]], canvas_size: tuple[int, int]) -> tv_tensors.BoundingBoxes:

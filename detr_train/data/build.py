@@ -10,11 +10,12 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from detr_train.config.schema import BudgetConfig, DataConfig, TrainingConfig
+from detr_train.config.schema import BudgetConfig, DataConfig, SamplerName, TrainingConfig
 from detr_train.data.augment import Augmenter
 from detr_train.data.coco import CocoDetectionDataset
 from detr_train.data.collate import DetrCollator
 from detr_train.data.prepare import prepare_dataset
+from detr_train.data.repeat_factor import RepeatFactors, repeat_factors
 from detr_train.data.sampling import EpochBatchSampler, select_training_images
 from detr_train.data.sources import DatasetError, SplitPaths
 from detr_train.data.workers import ignore_stop_signals
@@ -29,6 +30,8 @@ class DataBundle:
     val: CocoDetectionDataset
     val_ann: Path
     class_names: list[str]
+    # data.sampler=repeat_factor: the training images' factors; None: each image once per epoch.
+    repeat_factors: RepeatFactors | None = None
 
 
 def capped(value: int | None, cap: int | None) -> int | None:
@@ -64,7 +67,25 @@ def build_data(data_cfg: DataConfig, train_cfg: TrainingConfig, budget: BudgetCo
         val_ann = paths.val_ann
     log.info("Data: %d training images, %d evaluation images, %d classes",
              len(train), len(val), len(full_train.categories))
-    return DataBundle(train, val, val_ann, list(full_train.categories.names))
+    class_names = list(full_train.categories.names)
+    return DataBundle(train, val, val_ann, class_names, _repeat_factors(train, data_cfg, overfit, class_names))
+
+
+def _repeat_factors(train: CocoDetectionDataset, data_cfg: DataConfig, overfit: bool,
+                    class_names: list[str]) -> RepeatFactors | None:
+    """The factors of the images training uses (after subset and budget), when data.sampler asks for them."""
+    if data_cfg.sampler != SamplerName.repeat_factor:
+        return None
+    if overfit:
+        log.info("data.sampler=repeat_factor is off in overfit mode: every image once per epoch, in order")
+        return None
+    factors = repeat_factors([train.labels_of(i) for i in range(len(train))], data_cfg.repeat_threshold)
+    repeated = ", ".join(f"{class_names[label]} x{r:.2f} (in {100 * factors.image_fraction[label]:.2g}% of "
+                         f"the images)" for label, r in factors.most_repeated())
+    log.info("Repeat-factor sampling (data.repeat_threshold=%g): about %d samples per epoch from %d images; "
+             "most repeated: %s", factors.threshold, factors.expected_epoch_length, len(train),
+             repeated or "none (no class is in fewer than that fraction of the images)")
+    return factors
 
 
 def _validation_images(paths: SplitPaths, data_cfg: DataConfig, train_cfg: TrainingConfig,
@@ -94,10 +115,11 @@ def build_augmenter(data_cfg: DataConfig) -> Augmenter | None:
 
 
 def training_sampler(num_images: int, train_cfg: TrainingConfig, size_for_epoch: Callable[[int], int],
-                     dist: DistContext) -> EpochBatchSampler:
+                     dist: DistContext, factors: RepeatFactors | None = None) -> EpochBatchSampler:
     return EpochBatchSampler(
         num_images, train_cfg.batch_size, shuffle=not train_cfg.overfit, seed=train_cfg.seed,
         size_for_epoch=size_for_epoch, rank=dist.rank, world_size=dist.world_size,
+        repeat_factors=None if factors is None else factors.per_image,
     )
 
 

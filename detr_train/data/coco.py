@@ -75,11 +75,19 @@ class CategoryMap:
         return int(category_id) in self._label_of
 
 
-def _clean_annotations(data: dict, ann_file: Path, categories: CategoryMap) -> dict[int, list[dict]]:
+class LoadCounts(NamedTuple):
+    """What loading an annotation file did to its boxes (the data health report shows it)."""
+
+    dropped: dict[str, int]  # why -> boxes
+    clipped: int  # boxes that reached past the image and were cut to it
+
+
+def _clean_annotations(data: dict, ann_file: Path, categories: CategoryMap) -> tuple[dict[int, list[dict]], LoadCounts]:
     """Group annotations per image; clip boxes to the image and drop degenerate ones."""
     images = {int(img["id"]): img for img in data["images"]}
     per_image: dict[int, list[dict]] = {image_id: [] for image_id in images}
     dropped: Counter[str] = Counter()
+    clipped = 0
     for ann in data["annotations"]:
         ann_id = ann.get("id", "?")
         if ann.get("category_id") not in categories:
@@ -102,6 +110,7 @@ def _clean_annotations(data: dict, ann_file: Path, categories: CategoryMap) -> d
         if x1 <= x0 or y1 <= y0:
             dropped["outside the image"] += 1
             continue
+        clipped += (x0, y0, x1, y1) != (x, y, x + w, y + h)
         cleaned = dict(ann, bbox=[x0, y0, x1 - x0, y1 - y0])
         cleaned.setdefault("area", (x1 - x0) * (y1 - y0))
         cleaned.setdefault("iscrowd", 0)
@@ -113,7 +122,7 @@ def _clean_annotations(data: dict, ann_file: Path, categories: CategoryMap) -> d
             sum(dropped.values()),
             ", ".join(f"{n} {why}" for why, n in dropped.items()),
         )
-    return per_image
+    return per_image, LoadCounts(dict(dropped), clipped)
 
 
 class CocoDetectionDataset(Dataset):
@@ -141,7 +150,7 @@ class CocoDetectionDataset(Dataset):
             raise DatasetError(f"annotation file {self.ann_file} defines no categories")
         self.categories = CategoryMap(data["categories"])
         self._images = {int(img["id"]): img for img in data["images"]}
-        self._annotations = _clean_annotations(data, self.ann_file, self.categories)
+        self._annotations, self.load_counts = _clean_annotations(data, self.ann_file, self.categories)
         all_ids = sorted(self._images)
         if image_ids is not None:
             unknown = sorted(set(image_ids) - set(self._images))
@@ -173,6 +182,15 @@ class CocoDetectionDataset(Dataset):
 
     def image_info(self, index: int) -> dict:
         return self._images[self.image_ids[index]]
+
+    def annotations_of(self, index: int) -> list[dict]:
+        """Image `index`'s annotations as loaded: boxes clipped to the image, crowd regions included."""
+        return self._annotations[self.image_ids[index]]
+
+    def labels_of(self, index: int) -> list[int]:
+        """The labels of image `index`'s training boxes (crowd regions are not targets), one per box."""
+        return [self.categories.label(ann["category_id"]) for ann in self.annotations_of(index)
+                if not ann.get("iscrowd", 0)]
 
     def subset(self, image_ids: Sequence[int]) -> "CocoDetectionDataset":
         """The same dataset restricted to `image_ids` (no re-reading of the json)."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 from detr_train.checkpointing.atomic import remove_temp_files
 from detr_train.checkpointing.metrics_log import MetricsLog
+from detr_train.data.health import health_report, write_report
 from detr_train.distributed import collectives
 from detr_train.evaluation.coco import CocoScores, format_per_class_table
 from detr_train.modeling.build import uses_swapped_group_norm
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
     from detr_train.checkpointing.checkpointer import Checkpointer
     from detr_train.checkpointing.state import TrainState
+    from detr_train.data.build import DataBundle
     from detr_train.distributed.launch import DistContext
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class Trainer(Protocol):
     run_dir: Path
     dist: DistContext
     state: TrainState
+    data: DataBundle
     epochs: int
     batches_per_epoch: int
     model: torch.nn.Module
@@ -139,6 +142,15 @@ class EarlyStopping(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.stale = float(state["best"]), int(state["stale"])
+
+
+class DataReport(Callback):
+    """Before the first step: the data health report (`data.health`) in the log and in
+    data_report.json. A resume makes it again from the same data: the same file."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main:
+            write_report(health_report(trainer.data), trainer.run_dir)
 
 
 class LogMetrics(Callback):

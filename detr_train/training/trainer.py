@@ -97,17 +97,28 @@ class Trainer:
         self.train_sampler = training_sampler(
             len(data.train), cfg.training,
             lambda epoch: size_for_epoch(self.resize_schedule, epoch, cfg.data.image_size), self.dist,
+            data.repeat_factors,
         )
         val_sampler = evaluation_sampler(len(data.val), cfg.training.batch_size, cfg.data.eval_size, self.dist)
         seed = cfg.training.seed
         self.train_loader = make_loader(data.train, self.train_sampler, collator, cfg.data, seed, self.device)
         self.val_loader = make_loader(data.val, val_sampler, collator, cfg.data, seed, self.device)
-        self.layout = StepLayout(self.dist.world_size, cfg.training.batch_size, self.train_sampler.batches_per_epoch(),
-                                 cfg.training.accumulate_steps)
-        self.batches_per_epoch, self.steps_per_epoch = self.layout.batches_per_epoch, self.layout.steps_per_epoch
+        # With repeat-factor sampling each epoch has its own length. The LR schedule (a pure
+        # function of the optimiser step: its total steps, a step schedule's epoch boundaries)
+        # and a resume under another world size need one fixed epoch length: they use the
+        # expected one (the sum of the repeat factors, rounded), so the cosine ends within a
+        # few steps of the last one and then holds its floor. Otherwise every epoch's.
+        self.layout = StepLayout(self.dist.world_size, cfg.training.batch_size,
+                                 self.train_sampler.expected_batches_per_epoch(), cfg.training.accumulate_steps)
+        self.steps_per_epoch = self.layout.steps_per_epoch
         log.info("Effective batch %d (%d per process x %d accumulation steps x %d processes), %d optimiser steps "
                  "per epoch", self.layout.effective_batch_size, cfg.training.batch_size, cfg.training.accumulate_steps,
                  self.dist.world_size, self.steps_per_epoch)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Loader batches per process in the epoch being trained (with repeat factors, its own length)."""
+        return self.train_sampler.batches_per_epoch()
 
     def _build_optimisation(self) -> None:
         train_cfg = self.cfg.training
@@ -202,8 +213,10 @@ class Trainer:
             return None
         state.finish_epoch(epoch)
         # The LR of the epoch's first step: a function of the step, so a resumed epoch logs the same.
+        steps_this_epoch = -(-self.batches_per_epoch // self.cfg.training.accumulate_steps)
+        first_step = state.global_step - steps_this_epoch
         record = {"epoch": epoch, "global_step": state.global_step,
-                  "lr": self.schedule.lr_at((epoch - 1) * self.steps_per_epoch),
+                  "lr": self.schedule.lr_at(first_step),
                   "image_size": image_size, **train_metrics}
         scores, is_best = self._evaluate_epoch(epoch, record) if self._evaluates(epoch) else (None, False)
         record["epoch_time"] = time.perf_counter() - started
