@@ -39,6 +39,10 @@ class ConfigError(DetrTrainError, ValueError):
     """A config value that composes but cannot be used (out of range, contradicts another key)."""
 
 
+class ExportError(DetrTrainError, RuntimeError):
+    """A model that cannot be exported, or an exported ONNX graph that disagrees with PyTorch."""
+
+
 def verbose() -> bool:
     """Whether the user asked for tracebacks of expected errors too."""
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HYDRA_FULL_ERROR", _VERBOSE_ENV))

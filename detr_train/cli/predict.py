@@ -3,6 +3,7 @@
     detr-train-predict outputs/default/2026-11-27_10-00-00 photos/        # a run's best.pt, a folder
     detr-train-predict run/hf_model 'frames/**/*.jpg' --threshold 0.5     # a glob
     detr-train-predict run/checkpoints/last.pt street.jpg --output seen
+    detr-train-predict model.onnx photos/                                  # ONNX Runtime (detr-train-export)
 
 Writes `<output>/detections.json` (COCO results: image_id, category_id = the model's class
 index, bbox [x, y, w, h] in pixels, score, plus file_name and category_name) and
@@ -119,7 +120,7 @@ class InferenceCollator:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description="Detect objects in images with a trained model and draw them.")
-    parser.add_argument("model", type=Path, help="a checkpoint file, a run directory or a save_pretrained folder")
+    parser.add_argument("model", type=Path, help="a checkpoint file, a run directory, a save_pretrained folder or an exported .onnx file")
     parser.add_argument("inputs", nargs="+", metavar="IMAGES",
                         help="image files, folders or globs (quote globs); key=value items change the run's "
                              "config instead")
@@ -159,8 +160,6 @@ def _precision(amp: str, device: torch.device):
 
 def predict_images(args: argparse.Namespace) -> None:
     from detr_train.evaluation.evaluator import predict
-    from detr_train.evaluation.inference import load_for_inference
-    from detr_train.modeling.fast_paths import apply_fast_paths
     from detr_train.training.runtime import resolve_device, show_progress
 
     _check_arguments(args)
@@ -169,10 +168,9 @@ def predict_images(args: argparse.Namespace) -> None:
     output = args.output or next_free_dir(DEFAULT_OUTPUT)
     refuse_taken_output(output, overwrite=args.overwrite)  # before the model loads
     device = resolve_device(args.device or "auto")
-    loaded = load_for_inference(args.model, overrides, device)
-    apply_fast_paths(loaded.model, loaded.cfg.model, loaded.cfg.training, device)
+    model, class_names, processor = _load_model(args.model, overrides, device)
     loader = DataLoader(ImageFiles(images), batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=InferenceCollator(loaded.processor), pin_memory=device.type == "cuda")
+                        collate_fn=InferenceCollator(processor), pin_memory=device.type == "cuda")
     precision = _precision(args.amp, device)
     # Filled as the images are drawn; detections.json, written last, marks a finished folder.
     claim_output_dir(output, overwrite=args.overwrite)
@@ -183,18 +181,38 @@ def predict_images(args: argparse.Namespace) -> None:
         failed += batch["failed"]
         if not batch["image_ids"]:
             continue
-        found = [d for d in predict(loaded.model, [batch], loaded.processor, precision, device, int) if d["score"] >= args.threshold]
+        found = [d for d in predict(model, [batch], processor, precision, device, int) if d["score"] >= args.threshold]
         for detection in found:
             detection.update(file_name=str(images[detection["image_id"]].path),
-                             category_name=loaded.class_names[detection["category_id"]])
+                             category_name=class_names[detection["category_id"]])
         detections += found
         if args.draw:
-            _draw(batch, found, images, loaded.class_names, output / IMAGES_DIR, args.threshold)
+            _draw(batch, found, images, class_names, output / IMAGES_DIR, args.threshold)
     atomic_write(output / DETECTIONS_FILE, json.dumps(detections))
     for index, error in failed:
         log.warning("skipped %s: cannot read it (%s)", images[index].path, error)
     log.info("%d detection(s) at score >= %g in %d image(s)%s; wrote %s", len(detections), args.threshold,
              len(images) - len(failed), f", {len(failed)} unreadable image(s) skipped" if failed else "", output)
+
+
+def _load_model(path: Path, overrides: list[str], device: torch.device):
+    """(model, class names, image processor): a checkpoint, run dir or HF folder on its fast
+    paths, or an exported `.onnx` graph run by ONNX Runtime (no transformers model code)."""
+    from detr_train.evaluation.onnx_runtime import is_onnx_file, load_onnx
+
+    if is_onnx_file(path):
+        if overrides:
+            from detr_train.errors import ConfigError
+
+            raise ConfigError(f"{path}: an ONNX model has no run config to change ({' '.join(overrides)})")
+        loaded = load_onnx(path, device)
+        return loaded.detector, loaded.class_names, loaded.processor
+    from detr_train.evaluation.inference import load_for_inference
+    from detr_train.modeling.fast_paths import apply_fast_paths
+
+    loaded = load_for_inference(path, overrides, device)
+    apply_fast_paths(loaded.model, loaded.cfg.model, loaded.cfg.training, device)
+    return loaded.model, loaded.class_names, loaded.processor
 
 
 def _with_progress(loader: DataLoader, total: int, show: bool):

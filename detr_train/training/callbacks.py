@@ -31,7 +31,7 @@ from detr_train.checkpointing.metrics_log import MetricsLog
 from detr_train.data.health import health_report, write_report
 from detr_train.distributed import collectives
 from detr_train.evaluation.coco import CocoScores, format_per_class_table
-from detr_train.modeling.build import uses_swapped_group_norm
+from detr_train.modeling.hf_export import hf_export_problem, save_pretrained_folder
 from detr_train.training.signals import GracefulStop
 
 if TYPE_CHECKING:
@@ -265,14 +265,12 @@ class ExportHF(Callback):
     def on_fit_end(self, trainer: Trainer) -> None:
         if not trainer.dist.is_main:
             return
-        if uses_swapped_group_norm(trainer.cfg.model):
-            log.error("Not exported: this model's backbone (model.backbone.type=resnet with norm=group_norm) cannot "
-                      "be rebuilt by from_pretrained; train with model.backbone.type=bit to export")
+        problem = hf_export_problem(trainer.cfg.model)
+        if problem is not None:
+            log.error("Not exported: %s", problem)
             return
-        target = trainer.run_dir / self.FOLDER
         model, which = trainer.best_weights()
-        model.save_pretrained(target)
-        trainer.processor.save_pretrained(target)
+        target = save_pretrained_folder(model, trainer.processor, trainer.cfg.model, trainer.run_dir / self.FOLDER)
         log.info("Exported %s and the image processor to %s", which, target)
 
 
