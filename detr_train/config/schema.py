@@ -232,9 +232,6 @@ class TrainingConfig:
     # Predictions | ground truth on the first N validation images at each evaluation (vis/); 0: none.
     vis_images: int = 0
     vis_score_threshold: float = 0.3  # predicted boxes below this score are not drawn
-    # metrics.jsonl's numbers and the pictures as TensorBoard events (<run dir>/tensorboard); needs
-    # the optional tensorboard package.
-    tensorboard: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -265,6 +262,32 @@ class TrialConfig:
     study_name: Optional[str] = None
     storage: Optional[str] = None
     number: Optional[int] = None
+    # The sweep's MLflow run, parent of the trial's own (logger.mlflow set).
+    mlflow_parent_run_id: Optional[str] = None
+
+
+# --- experiment trackers (the `logger` group) ----------------------------------------------
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    """logger=tensorboard: events in <run dir>/tensorboard; nothing to set."""
+
+
+@dataclass
+class MlflowLoggerConfig:
+    # null: sqlite:///<output_root>/mlruns/mlflow.db, artifacts in <output_root>/mlruns/artifacts.
+    tracking_uri: Optional[str] = None
+    experiment_name: str = MISSING
+    artifacts: bool = True  # curves, plots and prediction images as run artifacts
+
+
+@dataclass
+class LoggerConfig:
+    """The trackers a run logs to: each one that is not null (`logger=[tensorboard,mlflow]`)."""
+
+    tensorboard: Optional[TensorBoardLoggerConfig] = None
+    mlflow: Optional[MlflowLoggerConfig] = None
 
 
 @dataclass
@@ -274,6 +297,8 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
+    # No tracker unless chosen: checkpoints written before the group existed resume without one.
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     name: str = MISSING
     output_root: str = MISSING
 
