@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from detr_train.checkpointing.checkpointer import Found
 from detr_train.checkpointing.format import KEY_CONFIG_YAML
-from detr_train.checkpointing.plan import Plan, checkpoint_config, plan
+from detr_train.checkpointing.plan import Plan, checkpoint_config, plan, reconcile_config
 from detr_train.cli import train as cli
 from detr_train.config.checks import MLFLOW_MISSING
 from detr_train.reporting import mlflow_tracker
@@ -78,6 +78,15 @@ def test_a_checkpoint_config_with_training_tensorboard_resumes_with_logger_tenso
         upgraded = checkpoint_config(found)
         assert "tensorboard" not in upgraded.training
         assert OmegaConf.to_container(upgraded.logger) == {"tensorboard": expected, "mlflow": None}
+
+
+@pytest.mark.parametrize("before,now", [("none", "many"), ("many", "none"), ("mlflow", "tensorboard")])
+def test_a_resume_takes_the_logger_of_its_command_line_whole(before, now, tmp_path):
+    stored = compose_config([f"logger={before}"])
+    found = Found(tmp_path / "last.pt", {KEY_CONFIG_YAML: OmegaConf.to_yaml(stored)})
+    resumed = reconcile_config(found, compose_config([f"logger={now}"]))
+    assert (OmegaConf.to_container(resumed.logger, resolve=True)
+            == OmegaConf.to_container(compose_config([f"logger={now}"]).logger, resolve=True))
 
 
 def test_the_default_store_is_sqlite_under_the_outputs_root(tmp_path, monkeypatch):
