@@ -125,8 +125,8 @@ def trained_run(synthetic_root, tmp_path_factory):
     overrides = SMALL_SYNTHETIC + [f"data.root={synthetic_root}", *SHARED_RUN_SETTINGS,
                                    f"training.vis_images={SHARED_RUN_VIS_IMAGES}",
                                    # Every predicted box drawn: a barely trained model scores low.
-                                   "training.vis_score_threshold=0.0", f"training.tensorboard={with_tensorboard}",
-                                   "training.export_hf=true"]
+                                   "training.vis_score_threshold=0.0", "training.export_hf=true",
+                                   *(["logger=tensorboard"] if with_tensorboard else [])]
     with pytest.MonkeyPatch.context() as monkeypatch:
         per_class_calls = spy_on(monkeypatch, plots, "plot_per_class_ap")
         pr_calls = spy_on(monkeypatch, plots, "plot_precision_recall")

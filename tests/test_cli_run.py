@@ -58,11 +58,12 @@ def test_amp_without_cuda_warns_once_and_trains_in_fp32(small_run_overrides):
 
 
 def test_help_lists_the_groups_without_importing_torch():
-    # --help must answer at once: neither torch nor transformers may load on its path.
+    # --help must answer at once: neither torch nor transformers (nor mlflow) may load on its path.
     code = ("import sys; sys.argv = ['detr-train', '--help']\n"
             "from detr_train.cli import train\n"
             "try:\n    train.main()\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n")
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
+            "assert 'mlflow' not in sys.modules, 'mlflow imported'\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model: deformable_detr, deformable_detr_tiny" in result.stdout

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from detr_train.config import config_dir
 from tests.conftest import compose_config, run_cli
 
-GROUPS = ["model", "data", "training", "budget"]
+GROUPS = ["model", "data", "training", "budget", "logger"]
 
 
 def _options(group: str) -> list[str]:
@@ -29,6 +29,7 @@ def test_expected_options_exist():
     assert {"synthetic", "coco", "bdd100k"} <= set(_options("data"))
     assert {"default", "smoke", "overfit"} <= set(_options("training"))
     assert {"none", "small", "tiny"} <= set(_options("budget"))
+    assert {"none", "tensorboard", "mlflow", "many"} <= set(_options("logger"))
 
 
 def test_seed_design_keys_have_their_defaults():

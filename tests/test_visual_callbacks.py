@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 from PIL import Image
 
 from detr_train.checkpointing.plan import Plan, plan
@@ -22,6 +23,7 @@ from detr_train.config.checks import TENSORBOARD_MISSING
 from detr_train.errors import ConfigError
 from detr_train.reporting import drawing, plots
 from detr_train.reporting import tensorboard as tb_module
+from detr_train.reporting.trackers import tracker_callbacks
 from detr_train.reporting.visual_callbacks import EvaluationPlots, TrainingCurves, visual_callbacks
 from tests.conftest import (
     SHARED_RUN_SETTINGS,
@@ -219,9 +221,10 @@ def test_a_resumed_runs_curves_include_the_earlier_epochs(synthetic_root, tmp_pa
 def test_defaults_draw_the_plots_only():
     cfg = compose_config([])
     train_cfg = cfg.training
-    assert (train_cfg.plots, train_cfg.vis_images, train_cfg.vis_score_threshold, train_cfg.tensorboard) == (
-        True, 0, 0.3, False)
+    assert (train_cfg.plots, train_cfg.vis_images, train_cfg.vis_score_threshold) == (True, 0, 0.3)
+    assert OmegaConf.to_container(cfg.logger) == {"tensorboard": None, "mlflow": None}
     assert [type(c) for c in visual_callbacks(train_cfg)] == [TrainingCurves, EvaluationPlots]
+    assert tracker_callbacks(cfg) == []
     cfg.training.plots = False
     assert visual_callbacks(cfg.training) == []
 
@@ -235,7 +238,7 @@ def _hide_tensorboard(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("overrides,named", [
-    (["training.tensorboard=true"], TENSORBOARD_MISSING),
+    (["logger=tensorboard"], TENSORBOARD_MISSING),
     (["training.vis_images=-1"], "training.vis_images must be >= 0"),
     (["training.vis_score_threshold=1.5"], "training.vis_score_threshold must be in [0, 1], got 1.5"),
 ])
@@ -254,17 +257,17 @@ def test_config_mistakes_are_one_line_before_any_run_dir(overrides, named, tmp_p
 
 
 def test_missing_tensorboard_message_names_the_key_and_the_install():
-    assert "training.tensorboard=true" in TENSORBOARD_MISSING
+    assert "logger=tensorboard" in TENSORBOARD_MISSING
     assert "pip install 'detr-train[tensorboard]'" in TENSORBOARD_MISSING
 
 
 def test_a_config_built_in_code_stops_before_the_first_step(synthetic_root, tmp_path, monkeypatch):
     # check_config runs on the command line; a Trainer built in code still stops before training.
-    cfg = compose_config(_overrides(synthetic_root, "training.tensorboard=true"))
+    cfg = compose_config(_overrides(synthetic_root, "logger=tensorboard"))
     _hide_tensorboard(monkeypatch)
     run_dir = tmp_path / "run"
     trainer = make_trainer(Plan(cfg, run_dir))
-    with pytest.raises(ConfigError, match=r"training\.tensorboard=true needs the tensorboard package"):
+    with pytest.raises(ConfigError, match=r"logger=tensorboard needs the tensorboard package"):
         trainer.fit()
     assert trainer.state.global_step == 0
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "tensorboard").exists()

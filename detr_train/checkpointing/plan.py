@@ -13,8 +13,8 @@
 Which side wins on resume:
 - the checkpoint: architecture (`model`), classes, seed, and every other setting, so the
   resumed run is the same run;
-- the user: the keys in USER_OVERRIDABLE (run length, logging/eval/checkpoint cadence,
-  plots and TensorBoard, loader workers, where the dataset lives), each change noted in the log.
+- the user: the keys in USER_OVERRIDABLE and USER_CHOSEN_NODES (run length, logging/eval/checkpoint cadence,
+  plots and trackers, loader workers, where the dataset lives), each change noted in the log.
 Other differences are listed in one warning and ignored.
 """
 
@@ -45,7 +45,6 @@ USER_OVERRIDABLE = (
     "training.plots",
     "training.vis_images",
     "training.vis_score_threshold",
-    "training.tensorboard",
     "training.checkpoint.keep_last",
     "training.checkpoint.every_n_steps",
     "data.num_workers",
@@ -56,6 +55,9 @@ USER_OVERRIDABLE = (
 # Keys that belong to this invocation, never to the checkpoint: how it was asked to resume,
 # and the search trial it reports to.
 PROCESS_KEYS = ("training.resume", "trial")
+# User-overridable too, but taken whole: their options are null or a mapping (`logger.mlflow`),
+# which key-by-key merging would leave half switched.
+USER_CHOSEN_NODES = ("logger",)
 
 
 @dataclass
@@ -131,9 +133,15 @@ def reconcile_config(found: Found, new_cfg: DictConfig) -> DictConfig:
     old_flat = _flatten(OmegaConf.to_container(merged, resolve=True, enum_to_str=True))
     new_flat = _flatten(OmegaConf.to_container(new_cfg, resolve=True, enum_to_str=True))
     ignored = []
+    for key in USER_CHOSEN_NODES:
+        old, new = (OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True) for cfg in (merged, new_cfg))
+        if old != new:
+            log.info("resume: %s changed %r -> %r (the new value wins)", key, old, new)
+            # A copy of the new node, typed as the schema types it.
+            merged[key] = OmegaConf.merge(OmegaConf.select(merged, key), OmegaConf.select(new_cfg, key))
     for key in sorted(set(old_flat) | set(new_flat)):
         old, new = old_flat.get(key), new_flat.get(key)
-        if old == new or _is_under(key, PROCESS_KEYS):
+        if old == new or _is_under(key, PROCESS_KEYS + USER_CHOSEN_NODES):
             continue
         if _is_under(key, USER_OVERRIDABLE):
             log.info("resume: %s changed %r -> %r (the new value wins)", key, old, new)

@@ -12,8 +12,10 @@ callbacks run in this list's order. Why each stands where it does:
 4. ReportToTrial (in a search): prunes after the checkpoint, so a pruned trial keeps its
    last epoch; a pruned trial is a normal end, and the callbacks below still run.
 5. CheckReplicas, ExportHF: debugging aid and the final export, on the saved state.
-6. Pictures (curves, plots, prediction images, TensorBoard last, as it logs what the
-   others drew): after the checkpoint, so that drawing can never cost one.
+6. Pictures (curves, plots, prediction images), then the trackers (`logger`: TensorBoard,
+   MLflow), which log what the others drew: after the checkpoint, so that drawing and
+   tracking can never cost one. MLflow there may miss the epoch a kill cuts off after the
+   checkpoint, never log one twice; it adds what it misses from metrics.jsonl on resume.
 7. StopOnSignal: says the run stopped; it hands the signal on to the previous handler (a
    requeue) only when the run closes, after every other callback has run.
 8. NextSteps, last: the run's last lines say where its results are and what to run next.
@@ -24,6 +26,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from detr_train.reporting.next_steps import NextSteps
+from detr_train.reporting.trackers import tracker_callbacks
 from detr_train.reporting.visual_callbacks import visual_callbacks
 from detr_train.search.callbacks import trial_callbacks
 from detr_train.training import callbacks as cb
@@ -42,5 +45,6 @@ def build_callbacks(cfg: DictConfig) -> list[cb.Callback]:
     if train_cfg.export_hf:
         callbacks.append(cb.ExportHF())
     callbacks += visual_callbacks(train_cfg)
+    callbacks += tracker_callbacks(cfg)
     callbacks += [cb.StopOnSignal(), NextSteps()]
     return callbacks

@@ -8,6 +8,7 @@ checked where those are known.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Any, Callable, Iterable
 
@@ -22,8 +23,10 @@ from detr_train.errors import ConfigError
 # transformers' DeformableDetrConfig stores these as int.
 WHOLE_LOSS_KEYS = ("class_cost", "bbox_cost", "giou_cost", "bbox_loss_coefficient", "giou_loss_coefficient")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
-TENSORBOARD_MISSING = ("training.tensorboard=true needs the tensorboard package, which is not installed: "
-                       "pip install 'detr-train[tensorboard]' (or set training.tensorboard=false)")
+TENSORBOARD_MISSING = ("logger=tensorboard needs the tensorboard package, which is not installed: "
+                       "pip install 'detr-train[tensorboard]' (or choose another logger)")
+MLFLOW_MISSING = ("logger=mlflow needs the mlflow package, which is not installed: "
+                  "pip install 'detr-train[mlflow]' (or choose another logger)")
 
 
 def _positive(value) -> bool:
@@ -104,7 +107,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
     _check_device(cfg.training.device)
     _check_progress(cfg.training.progress)
-    _check_tensorboard(cfg.training.tensorboard)
+    _check_loggers(cfg.logger)
     _check_resize_schedule(cfg.training.resize_schedule)
     _check_model(cfg.model)
     _check_backbone(cfg.model.backbone)
@@ -148,13 +151,22 @@ def _check_progress(progress: Any) -> None:
         raise ConfigError(f"training.progress must be auto, true or false, got {progress!r}")
 
 
-def _check_tensorboard(enabled: bool) -> None:
-    if not enabled:
-        return
+def _check_loggers(logger: DictConfig) -> None:
+    if logger.tensorboard is not None:
+        try:
+            import tensorboard  # noqa: F401 - the package alone, without torch: a config check must stay fast
+        except ImportError:
+            raise ConfigError(TENSORBOARD_MISSING) from None
+    # Found, not imported: importing mlflow takes seconds, and the run imports it anyway.
+    if logger.mlflow is not None and not _installed("mlflow"):
+        raise ConfigError(MLFLOW_MISSING)
+
+
+def _installed(package: str) -> bool:
     try:
-        import tensorboard  # noqa: F401 - the package alone, without torch: a config check must stay fast
-    except ImportError:
-        raise ConfigError(TENSORBOARD_MISSING) from None
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a None left in sys.modules says "not installed" too
+        return False
 
 
 def _check_each_positive(key: str, values) -> None:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from detr_train.config.checks import check_config
+from detr_train.config.migrate import moved_key_message
 from detr_train.config.paths import config_dir
 from detr_train.errors import ConfigError
 
@@ -38,6 +39,10 @@ def preflight(argv: list[str]) -> DictConfig | None:
 def compose_checked(overrides: list[str]) -> DictConfig:
     """The project's config composed with Hydra-style overrides and checked (no `hydra` node);
     a ConfigError naming the override or key at fault otherwise."""
+    for override in overrides:
+        moved = moved_key_message(override)
+        if moved is not None:
+            raise ConfigError(moved)
     try:
         cfg = _compose(overrides)
     except (HydraException, OmegaConfBaseException) as exc:

@@ -244,9 +244,6 @@ class TrainingConfig:
     vis_images: int = 0
     # Predicted boxes below this score are neither drawn nor counted in the confusion matrix.
     vis_score_threshold: float = 0.3
-    # metrics.jsonl's numbers and the pictures as TensorBoard events (<run dir>/tensorboard); needs
-    # the optional tensorboard package.
-    tensorboard: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -277,6 +274,32 @@ class TrialConfig:
     study_name: Optional[str] = None
     storage: Optional[str] = None
     number: Optional[int] = None
+    # The sweep's MLflow run, parent of the trial's own (logger.mlflow set).
+    mlflow_parent_run_id: Optional[str] = None
+
+
+# --- experiment trackers (the `logger` group) ----------------------------------------------
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    """logger=tensorboard: events in <run dir>/tensorboard; nothing to set."""
+
+
+@dataclass
+class MlflowLoggerConfig:
+    # null: sqlite:///<output_root>/mlruns/mlflow.db, artifacts in <output_root>/mlruns/artifacts.
+    tracking_uri: Optional[str] = None
+    experiment_name: str = MISSING
+    artifacts: bool = True  # curves, plots and prediction images as run artifacts
+
+
+@dataclass
+class LoggerConfig:
+    """The trackers a run logs to: each one that is not null (`logger=[tensorboard,mlflow]`)."""
+
+    tensorboard: Optional[TensorBoardLoggerConfig] = None
+    mlflow: Optional[MlflowLoggerConfig] = None
 
 
 @dataclass
@@ -286,6 +309,8 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
+    # No tracker unless chosen: checkpoints written before the group existed resume without one.
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     name: str = MISSING
     output_root: str = MISSING
 

@@ -23,13 +23,13 @@ bools, None and NaN/inf are skipped.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from detr_train.reporting.records import record_numbers, scalar
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ _FIXED_TAGS = {
     "image_size": "data/image_size",
     "data_wait_fraction": "time/data_wait_fraction",
 }
-# COCOeval's per-class AP for a class without ground truth.
-_NO_GROUND_TRUTH = -1.0
 
 
 class MissingDependencyError(RuntimeError):
@@ -75,39 +73,15 @@ def scalar_tag(key: str) -> str:
     return key
 
 
-def _scalar(value: Any) -> float | None:
-    """A finite float, or None for what is not one number (lists, strings, bools, None, NaN)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            return None
-        value = value.item()
-    # bool is an int to Python, but a flag is not a measurement worth a chart.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 def record_scalars(record: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
     """(tag, value) for every finite number of a metrics.jsonl record, nested dicts flattened."""
-    for key, value in record.items():
-        if key in STEP_KEYS:
-            continue
-        if isinstance(value, Mapping):
-            for name, inner in value.items():
-                number = _scalar(inner)
-                # AP -1 means "class has no ground truth", not a score: a chart of it misleads.
-                if number is not None and number != _NO_GROUND_TRUTH:
-                    yield f"{key}/{name}", number
-            continue
-        number = _scalar(value)
-        if number is not None:
-            yield scalar_tag(key), number
+    for key, name, number in record_numbers(record, skip=STEP_KEYS):
+        yield (scalar_tag(key) if name is None else f"{key}/{name}"), number
 
 
 def _record_step(record: Mapping[str, Any]) -> int:
     for key in ("global_step", "epoch"):
-        value = _scalar(record.get(key))
+        value = scalar(record.get(key))
         if value is not None:
             return int(value)
     raise ValueError("the record has neither global_step nor epoch: pass step=")

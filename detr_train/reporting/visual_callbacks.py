@@ -7,7 +7,7 @@ What each writes into the run directory (main process only):
     plots/pr_curves.png           at each evaluation (replaced)        training.plots
     plots/confusion_matrix.png    at each evaluation (replaced)        training.plots
     vis/epoch_NNNN/<stem>.jpg     at each evaluation                   training.vis_images=N
-    tensorboard/                  every epoch: scalars and images      training.tensorboard
+    tensorboard/                  every epoch: scalars and images      logger=tensorboard
 
 The curves are redrawn from metrics.jsonl rather than from memory, so a resumed run's
 picture includes the epochs before the resume. The per-class AP and the precision-recall
@@ -19,8 +19,9 @@ on the left (scored by the same weights as the logged mAP) and the ground truth 
 
 A picture must never cost a training run: every drawing runs inside `_drawing`, which turns
 any error into one warning, and every file is written atomically, so a failure leaves the
-previous picture in place. The one exception is deliberate: `training.tensorboard=true`
-without the package stops the run before its first step (config checks catch it earlier).
+previous picture in place. The one exception is deliberate: `logger=tensorboard` without
+the package stops the run before its first step (config checks catch it earlier).
+`reporting.trackers` adds TensorBoardLogging (and MLflow) after the drawing callbacks.
 """
 
 from __future__ import annotations
@@ -61,15 +62,12 @@ TENSORBOARD_FOLDER = "tensorboard"
 
 
 def visual_callbacks(train_cfg: TrainingConfig) -> list[Callback]:
-    """The callbacks that `training.plots`, `training.vis_images` and `training.tensorboard` ask for."""
+    """The drawing callbacks that `training.plots` and `training.vis_images` ask for."""
     callbacks: list[Callback] = []
     if train_cfg.plots:
         callbacks += [TrainingCurves(), EvaluationPlots(train_cfg.vis_score_threshold)]
     if train_cfg.vis_images:
         callbacks.append(PredictionImages(train_cfg.vis_images, train_cfg.vis_score_threshold))
-    if train_cfg.tensorboard:
-        # Last: it logs what the others drew this epoch.
-        callbacks.append(TensorBoardLogging())
     return callbacks
 
 

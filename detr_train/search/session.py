@@ -31,6 +31,7 @@ from detr_train.search.outcome import Outcome, judge
 from detr_train.search.overrides import override
 from detr_train.search.space import SearchSpace, describe, parse_search_space
 from detr_train.search.storage import count_trials, open_storage, redact, resolve_storage_url
+from detr_train.search.tracking import SweepTracking
 
 if TYPE_CHECKING:
     from hydra.core.plugins import HydraContext
@@ -61,7 +62,7 @@ def run_search(sweeper: OptunaSearchSweeper, arguments: list[str]) -> list[Seque
 class SearchSession:
     def __init__(
         self, sweeper: OptunaSearchSweeper, study: optuna.Study, space: SearchSpace, storage_url: str, target: int,
-        sweep_dir: Path, stored_at_open: int = 0,
+        sweep_dir: Path, stored_at_open: int = 0, tracking: SweepTracking | None = None,
     ) -> None:
         self.sweeper = sweeper
         self.study = study
@@ -70,6 +71,7 @@ class SearchSession:
         self.target = target
         self.sweep_dir = sweep_dir
         self.stored_at_open = stored_at_open
+        self.tracking = tracking  # the sweep's MLflow run, when the app logs to MLflow
 
     @classmethod
     def open(cls, sweeper: OptunaSearchSweeper, arguments: list[str]) -> SearchSession:
@@ -112,11 +114,27 @@ class SearchSession:
         log.info("Sampler %s, pruner %s, direction %s", type(sampler).__name__, (pruner_config or {}).get("_target_"), settings.direction)
         for line in describe(space):
             log.info("  %s", line)
-        return cls(sweeper, study, space, storage_url, target, sweep_dir, stored_at_open=stored)
+        tracking = SweepTracking.open(config, study, sweep_dir)
+        return cls(sweeper, study, space, storage_url, target, sweep_dir, stored_at_open=stored, tracking=tracking)
 
     # --- the loop -------------------------------------------------------------------------
 
     def run(self) -> list[Sequence[JobReturn]]:
+        if self.tracking is None:
+            return self._run()
+        status = "FAILED"
+        try:
+            returns = self._run()
+            status = "FINISHED"
+            return returns
+        except (SweepInterrupted, KeyboardInterrupt):
+            status = "KILLED"  # a re-run of the sweep continues it
+            raise
+        finally:
+            best = export.best_trial(self.study)
+            self.tracking.close(None if best is None else best.value, status)
+
+    def _run(self) -> list[Sequence[JobReturn]]:
         settings = self.sweeper.settings
         planned = self._missing()
         log.info(
@@ -188,6 +206,7 @@ class SearchSession:
             override("trial.study_name", self.study.study_name),
             override("trial.storage", self.storage_url),
             override("trial.number", number),
+            *(self.tracking.trial_overrides() if self.tracking is not None else []),
         ]
 
     def _record(self, trial: Trial, result: JobReturn) -> Outcome:
@@ -216,6 +235,8 @@ class SearchSession:
             # raises outside study.optimize; the trial is already stored by then.
             if not (is_grid(self.study.sampler) and "Study.stop" in str(error)):
                 raise
+        if self.tracking is not None:
+            self.tracking.record_trial(trial.number, outcome.state.name)
 
     # --- outputs ----------------------------------------------------------------------------
 
