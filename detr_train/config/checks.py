@@ -105,6 +105,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_progress(cfg.training.progress)
     _check_tensorboard(cfg.training.tensorboard)
     _check_resize_schedule(cfg.training.resize_schedule)
+    _check_tiles_without_schedule(cfg)
     _check_model(cfg.model)
     _check_backbone(cfg.model.backbone)
     validate_augment_config(cfg.data.augment)
@@ -209,6 +210,16 @@ def _check_backbone(backbone: DictConfig) -> None:
                 value = sizes if key == "hidden_sizes" else sizes[0]
                 raise ConfigError(f"model.backbone.{key}={value} must be divisible by "
                                   f"model.backbone.num_groups={groups} (GroupNorm)")
+
+
+def _check_tiles_without_schedule(cfg: DictConfig) -> None:
+    tile = cfg.data.augment.tile.size
+    if tile is not None and cfg.training.resize_schedule is not None and not cfg.training.overfit:
+        raise ConfigError(
+            f"training.resize_schedule cannot apply with data.augment.tile.size={tile}: tiles are cut at native "
+            f"resolution and never resized, so the tile side is the training size",
+            hint="set training.resize_schedule=null, or train without tiles",
+        )
 
 
 def _check_resize_schedule(schedule) -> None:

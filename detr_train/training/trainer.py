@@ -94,10 +94,7 @@ class Trainer:
     def _build_loaders(self) -> None:
         cfg, data = self.cfg, self.data
         collator = DetrCollator(self.processor, cfg.data.max_size_ratio)
-        self.train_sampler = training_sampler(
-            len(data.train), cfg.training,
-            lambda epoch: size_for_epoch(self.resize_schedule, epoch, cfg.data.image_size), self.dist,
-        )
+        self.train_sampler = training_sampler(len(data.train), cfg.training, self._training_size, self.dist)
         val_sampler = evaluation_sampler(len(data.val), cfg.training.batch_size, cfg.data.eval_size, self.dist)
         seed = cfg.training.seed
         self.train_loader = make_loader(data.train, self.train_sampler, collator, cfg.data, seed, self.device)
@@ -108,6 +105,13 @@ class Trainer:
         log.info("Effective batch %d (%d per process x %d accumulation steps x %d processes), %d optimiser steps "
                  "per epoch", self.layout.effective_batch_size, cfg.training.batch_size, cfg.training.accumulate_steps,
                  self.dist.world_size, self.steps_per_epoch)
+
+    def _training_size(self, epoch: int) -> int:
+        # Native-resolution tiles (data/augment=tiles) are never resized: their side is the training size.
+        augmenter = self.data.train.augmenter
+        if augmenter is not None and augmenter.tile_size is not None:
+            return augmenter.tile_size
+        return size_for_epoch(self.resize_schedule, epoch, self.cfg.data.image_size)
 
     def _build_optimisation(self) -> None:
         train_cfg = self.cfg.training
@@ -192,7 +196,7 @@ class Trainer:
         """Train one epoch; its result, or None when a stop request ended it early."""
         state = self.state
         state.start_epoch()
-        image_size = size_for_epoch(self.resize_schedule, epoch, self.cfg.data.image_size)
+        image_size = self._training_size(epoch)
         self.train_sampler.set_epoch(epoch, state.batch_in_epoch)
         started = time.perf_counter()
         plan = EpochPlan(epoch, self.batches_per_epoch, self.cfg.training.accumulate_steps,
