@@ -3,12 +3,15 @@
     detr-train-predict outputs/default/2026-11-27_10-00-00 photos/        # a run's best.pt, a folder
     detr-train-predict run/hf_model 'frames/**/*.jpg' --threshold 0.5     # a glob
     detr-train-predict run/checkpoints/last.pt street.jpg --output seen
+    detr-train-predict run/ frames/ --slice 512 --slice-overlap 0.2        # tiles + whole images
 
 Writes `<output>/detections.json` (COCO results: image_id, category_id = the model's class
 index, bbox [x, y, w, h] in pixels, score, plus file_name and category_name) and
 `<output>/images/`, each image with its boxes, class names and scores drawn. Images are
 batched, use AMP on a GPU, and keep their folder layout. An image that cannot be read is
-skipped and counted. The output folder is never overwritten unless --overwrite is given;
+skipped and counted. `--slice N` also runs N x N tiles of each image at native resolution
+and merges their detections with the whole image's (`evaluation.slicing`); by default a
+run predicts as it was evaluated (`training.eval_slice`). The output folder is never overwritten unless --overwrite is given;
 the default (`predictions`) moves on to `predictions_2`, ... when taken.
 """
 
@@ -29,10 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 from detr_train.checkpointing.atomic import atomic_write
 from detr_train.cli.common import (
     add_common_arguments,
+    add_slice_arguments,
     claim_output_dir,
     next_free_dir,
     refuse_taken_output,
     run_command,
+    slice_overrides,
     split_overrides,
 )
 from detr_train.errors import DetrTrainError
@@ -132,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                         help="autocast on a GPU (auto: bf16 where supported, else fp16); ignored on CPU")
     parser.add_argument("--no-draw", dest="draw", action="store_false", help="write detections.json only")
+    add_slice_arguments(parser)
     add_common_arguments(parser)
     return parser
 
@@ -160,19 +166,23 @@ def _precision(amp: str, device: torch.device):
 def predict_images(args: argparse.Namespace) -> None:
     from detr_train.evaluation.evaluator import predict
     from detr_train.evaluation.inference import load_for_inference
+    from detr_train.evaluation.slicing import SliceSettings, sliced_collator
     from detr_train.modeling.fast_paths import apply_fast_paths
     from detr_train.training.runtime import resolve_device, show_progress
 
     _check_arguments(args)
     inputs, overrides = split_overrides(args.inputs)
+    overrides += slice_overrides(args)
     images = find_images(inputs)
     output = args.output or next_free_dir(DEFAULT_OUTPUT)
     refuse_taken_output(output, overwrite=args.overwrite)  # before the model loads
     device = resolve_device(args.device or "auto")
     loaded = load_for_inference(args.model, overrides, device)
     apply_fast_paths(loaded.model, loaded.cfg.model, loaded.cfg.training, device)
+    slicing = SliceSettings.from_training(loaded.cfg.training)
+    collator = sliced_collator(InferenceCollator(loaded.processor), loaded.processor, slicing, args.batch_size)
     loader = DataLoader(ImageFiles(images), batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=InferenceCollator(loaded.processor), pin_memory=device.type == "cuda")
+                        collate_fn=collator, pin_memory=device.type == "cuda")
     precision = _precision(args.amp, device)
     # Filled as the images are drawn; detections.json, written last, marks a finished folder.
     claim_output_dir(output, overwrite=args.overwrite)
@@ -183,7 +193,8 @@ def predict_images(args: argparse.Namespace) -> None:
         failed += batch["failed"]
         if not batch["image_ids"]:
             continue
-        found = [d for d in predict(loaded.model, [batch], loaded.processor, precision, device, int) if d["score"] >= args.threshold]
+        found = [d for d in predict(loaded.model, [batch], loaded.processor, precision, device, int, slicing=slicing)
+                 if d["score"] >= args.threshold]
         for detection in found:
             detection.update(file_name=str(images[detection["image_id"]].path),
                              category_name=loaded.class_names[detection["category_id"]])

@@ -53,6 +53,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.overfit_size": (_positive, ">= 1"),
     "training.val_subset_size": (_positive, ">= 1 or null"),
     "training.eval_every": (_positive, ">= 1"),
+    # Smaller tiles than the backbone's coarsest stride leave no feature map to detect on.
+    "training.eval_slice": (lambda v: v >= 32, ">= 32 (pixels) or null"),
+    "training.eval_slice_overlap": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "training.eval_slice_iou": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "training.log_every": (_non_negative, ">= 0 (0 disables step logging)"),
     "training.schedule.warmup_steps": (_non_negative, ">= 0"),
     "training.schedule.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -46,6 +46,7 @@ from detr_train.distributed import collectives as distributed
 from detr_train.distributed.launch import SINGLE_PROCESS, DistContext
 from detr_train.evaluation.coco import CocoScores, load_coco_ground_truth
 from detr_train.evaluation.evaluator import Evaluation, Evaluator
+from detr_train.evaluation.slicing import SliceSettings, sliced_collator
 from detr_train.modeling.build import build_image_processor, build_model
 from detr_train.modeling.fast_paths import apply_fast_paths
 from detr_train.modeling.precision import resolve_precision
@@ -83,6 +84,7 @@ class Trainer:
         ema_cfg = train_cfg.ema
         self.ema = ModelEMA(self.model, decay=ema_cfg.decay, warmup_steps=ema_cfg.warmup_steps) if ema_cfg.enabled else None
         self.precision = resolve_precision(train_cfg.amp, train_cfg.amp_dtype, self.device)
+        self.slicing = SliceSettings.from_training(train_cfg)
         self._build_loaders()
         self._build_optimisation()
         self.state = TrainState(layout=self.layout)
@@ -98,7 +100,9 @@ class Trainer:
         val_sampler = evaluation_sampler(len(data.val), cfg.training.batch_size, cfg.data.eval_size, self.dist)
         seed = cfg.training.seed
         self.train_loader = make_loader(data.train, self.train_sampler, collator, cfg.data, seed, self.device)
-        self.val_loader = make_loader(data.val, val_sampler, collator, cfg.data, seed, self.device)
+        # Sliced evaluation: the validation batches also carry each image's tiles, cut in the workers.
+        val_collator = sliced_collator(collator, self.processor, self.slicing, cfg.training.batch_size)
+        self.val_loader = make_loader(data.val, val_sampler, val_collator, cfg.data, seed, self.device)
         self.layout = StepLayout(self.dist.world_size, cfg.training.batch_size, self.train_sampler.batches_per_epoch(),
                                  cfg.training.accumulate_steps)
         self.batches_per_epoch, self.steps_per_epoch = self.layout.batches_per_epoch, self.layout.steps_per_epoch
@@ -130,7 +134,7 @@ class Trainer:
         self.evaluator = Evaluator(
             self.processor, self.precision, self.device, load_coco_ground_truth(self.data.val_ann),
             self.data.val.image_ids, self.data.train.categories.category_id, dist=self.dist,
-            progress=show_progress(train_cfg.progress),
+            progress=show_progress(train_cfg.progress), slicing=self.slicing,
         )
 
     def _build_checkpointer(self) -> Checkpointer:
