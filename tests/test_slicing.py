@@ -231,3 +231,15 @@ def test_bad_slice_options_get_one_line(tiled_run, tmp_path, option, expected):
         errors = [line for line in stderr.splitlines() if line.startswith("detr-train-")]
         assert code == 2 and len(errors) == 1 and expected in errors[0], stderr[-2000:]
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override,key", [("training.eval_slice=16", "training.eval_slice"),
+                                          ("training.eval_slice_overlap=1.0", "training.eval_slice_overlap"),
+                                          ("training.eval_slice_iou=0", "training.eval_slice_iou")])
+def test_bad_slice_settings_name_their_key(override, key):
+    from detr_train.config.checks import check_config
+    from detr_train.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        check_config(compose_config(["data.root=/some/where", "training.eval_slice=512", override]))
+    assert str(raised.value).startswith(f"{key} must be")
