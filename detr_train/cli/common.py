@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from detr_train.errors import DetrTrainError, exit_with_error, quiet_on_closed_pipe, take_verbose_flag, verbose
+from detr_train.errors import (
+    ConfigError,
+    DetrTrainError,
+    exit_with_error,
+    quiet_on_closed_pipe,
+    take_verbose_flag,
+    verbose,
+)
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
@@ -77,3 +84,34 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a progress bar (default: when the terminal is interactive)")
     parser.add_argument("--verbose", action="store_true", help="tracebacks for expected errors too")
+
+
+def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
+    """--slice, --slice-overlap, --slice-iou: the run's training.eval_slice* settings, changed."""
+    parser.add_argument("--slice", type=int, default=None, metavar="N",
+                        help="also run N x N tiles of each image at native resolution and merge their detections "
+                             "with the whole image's (0: whole images only; default: the run's training.eval_slice)")
+    parser.add_argument("--slice-overlap", type=float, default=None, metavar="F",
+                        help="overlap of neighbouring tiles, a fraction of N in [0, 1) (default: the run's "
+                             "training.eval_slice_overlap, 0.2)")
+    parser.add_argument("--slice-iou", type=float, default=None, metavar="F",
+                        help="IoU above which same-class detections from two views are one object (default: the "
+                             "run's training.eval_slice_iou, 0.5)")
+
+
+def slice_overrides(args: argparse.Namespace) -> list[str]:
+    """The slice options as overrides of the run's config, checked under their own names."""
+    overrides = []
+    if args.slice is not None:
+        if args.slice != 0 and args.slice < 32:
+            raise ConfigError(f"--slice {args.slice}: must be at least 32 (pixels), or 0 for whole images only")
+        overrides.append(f"training.eval_slice={args.slice or 'null'}")
+    if args.slice_overlap is not None:
+        if not 0 <= args.slice_overlap < 1:
+            raise ConfigError(f"--slice-overlap {args.slice_overlap}: must be in [0, 1)")
+        overrides.append(f"training.eval_slice_overlap={args.slice_overlap}")
+    if args.slice_iou is not None:
+        if not 0 < args.slice_iou <= 1:
+            raise ConfigError(f"--slice-iou {args.slice_iou}: must be in (0, 1]")
+        overrides.append(f"training.eval_slice_iou={args.slice_iou}")
+    return overrides

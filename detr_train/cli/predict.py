@@ -4,12 +4,15 @@
     detr-train-predict run/hf_model 'frames/**/*.jpg' --threshold 0.5     # a glob
     detr-train-predict run/checkpoints/last.pt street.jpg --output seen
     detr-train-predict model.onnx photos/                                  # ONNX Runtime (detr-train-export)
+    detr-train-predict run/ frames/ --slice 512 --slice-overlap 0.2        # tiles + whole images
 
 Writes `<output>/detections.json` (COCO results: image_id, category_id = the model's class
 index, bbox [x, y, w, h] in pixels, score, plus file_name and category_name) and
 `<output>/images/`, each image with its boxes, class names and scores drawn. Images are
 batched, use AMP on a GPU, and keep their folder layout. An image that cannot be read is
-skipped and counted. The output folder is never overwritten unless --overwrite is given;
+skipped and counted. `--slice N` also runs N x N tiles of each image at native resolution
+and merges their detections with the whole image's (`evaluation.slicing`); by default a
+run predicts as it was evaluated (`training.eval_slice`). The output folder is never overwritten unless --overwrite is given;
 the default (`predictions`) moves on to `predictions_2`, ... when taken.
 """
 
@@ -30,10 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from detr_train.checkpointing.atomic import atomic_write
 from detr_train.cli.common import (
     add_common_arguments,
+    add_slice_arguments,
     claim_output_dir,
     next_free_dir,
     refuse_taken_output,
     run_command,
+    slice_overrides,
     split_overrides,
 )
 from detr_train.errors import DetrTrainError
@@ -133,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                         help="autocast on a GPU (auto: bf16 where supported, else fp16); ignored on CPU")
     parser.add_argument("--no-draw", dest="draw", action="store_false", help="write detections.json only")
+    add_slice_arguments(parser)
     add_common_arguments(parser)
     return parser
 
@@ -160,6 +166,7 @@ def _precision(amp: str, device: torch.device):
 
 def predict_images(args: argparse.Namespace) -> None:
     from detr_train.evaluation.evaluator import predict
+    from detr_train.evaluation.slicing import sliced_collator
     from detr_train.training.runtime import resolve_device, show_progress
 
     _check_arguments(args)
@@ -168,9 +175,10 @@ def predict_images(args: argparse.Namespace) -> None:
     output = args.output or next_free_dir(DEFAULT_OUTPUT)
     refuse_taken_output(output, overwrite=args.overwrite)  # before the model loads
     device = resolve_device(args.device or "auto")
-    model, class_names, processor = _load_model(args.model, overrides, device)
+    model, class_names, processor, slicing = _load_model(args, overrides, device)
+    collator = sliced_collator(InferenceCollator(processor), processor, slicing, args.batch_size)
     loader = DataLoader(ImageFiles(images), batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=InferenceCollator(processor), pin_memory=device.type == "cuda")
+                        collate_fn=collator, pin_memory=device.type == "cuda")
     precision = _precision(args.amp, device)
     # Filled as the images are drawn; detections.json, written last, marks a finished folder.
     claim_output_dir(output, overwrite=args.overwrite)
@@ -181,7 +189,8 @@ def predict_images(args: argparse.Namespace) -> None:
         failed += batch["failed"]
         if not batch["image_ids"]:
             continue
-        found = [d for d in predict(model, [batch], processor, precision, device, int) if d["score"] >= args.threshold]
+        found = [d for d in predict(model, [batch], processor, precision, device, int, slicing=slicing)
+                 if d["score"] >= args.threshold]
         for detection in found:
             detection.update(file_name=str(images[detection["image_id"]].path),
                              category_name=class_names[detection["category_id"]])
@@ -195,24 +204,33 @@ def predict_images(args: argparse.Namespace) -> None:
              len(images) - len(failed), f", {len(failed)} unreadable image(s) skipped" if failed else "", output)
 
 
-def _load_model(path: Path, overrides: list[str], device: torch.device):
-    """(model, class names, image processor): a checkpoint, run dir or HF folder on its fast
-    paths, or an exported `.onnx` graph run by ONNX Runtime (no transformers model code)."""
+def _load_model(args: argparse.Namespace, overrides: list[str], device: torch.device):
+    """(model, class names, image processor, slice settings or None): a checkpoint, run dir or
+    HF folder on its fast paths, slicing as its run did unless --slice says otherwise; or an
+    exported `.onnx` graph run by ONNX Runtime (no transformers model code), slicing only on
+    --slice."""
     from detr_train.evaluation.onnx_runtime import is_onnx_file, load_onnx
+    from detr_train.evaluation.slicing import SliceSettings
 
-    if is_onnx_file(path):
+    slicing_overrides = slice_overrides(args)  # checks the options under their own names
+    if is_onnx_file(args.model):
         if overrides:
             from detr_train.errors import ConfigError
 
-            raise ConfigError(f"{path}: an ONNX model has no run config to change ({' '.join(overrides)})")
-        loaded = load_onnx(path, device)
-        return loaded.detector, loaded.class_names, loaded.processor
+            raise ConfigError(f"{args.model}: an ONNX model has no run config to change ({' '.join(overrides)})")
+        loaded = load_onnx(args.model, device)
+        slicing = None
+        if args.slice:
+            defaults = SliceSettings(args.slice)
+            slicing = SliceSettings(args.slice, defaults.overlap if args.slice_overlap is None else args.slice_overlap,
+                                    defaults.iou_threshold if args.slice_iou is None else args.slice_iou)
+        return loaded.detector, loaded.class_names, loaded.processor, slicing
     from detr_train.evaluation.inference import load_for_inference
     from detr_train.modeling.fast_paths import apply_fast_paths
 
-    loaded = load_for_inference(path, overrides, device)
+    loaded = load_for_inference(args.model, overrides + slicing_overrides, device)
     apply_fast_paths(loaded.model, loaded.cfg.model, loaded.cfg.training, device)
-    return loaded.model, loaded.class_names, loaded.processor
+    return loaded.model, loaded.class_names, loaded.processor, SliceSettings.from_training(loaded.cfg.training)
 
 
 def _with_progress(loader: DataLoader, total: int, show: bool):

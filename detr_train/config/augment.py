@@ -14,6 +14,14 @@ Longest edge. `max_size` (scaled like the rest) caps the longest edge when set; 
 is null the cap is `data.max_size_ratio` x the chosen shortest edge, the same rule the
 evaluation resize uses. `max_size` wins when both are available.
 
+Tiles. With `tile.size` set, each training image is a random `size` x `size` window cut
+from the image at its native resolution (nothing is resized before or after the cut), for
+objects a few pixels wide that a downscale would erase. The tile's side is then the
+epoch's training size: `data.image_size` and `training.resize_schedule` do not resize
+training images (a schedule is refused with tiles, see `config.checks`). Tiles exclude
+the multi-scale resize and the crop branch (`scales` null, `crop.prob` 0); flip and
+jitter still apply. See `TileConfig`.
+
 The defaults here are the `none` preset: no flip, no crop, no jitter, one scale (the
 base size itself).
 """
@@ -66,6 +74,24 @@ class JitterConfig:
 
 
 @dataclass
+class TileConfig:
+    """Training on native-resolution tiles (`data/augment=tiles`); `size` null: off.
+
+    The window is `size` x `size`, or the whole side of an image shorter than that (no
+    padding beyond the collator's batch padding, no upscaling). With probability
+    `object_prob` it is placed over one of the image's boxes drawn uniformly (uniformly
+    among the windows that contain that box whole, or centred on it when it is larger),
+    so that tiles of sparse street scenes show objects rather than road; otherwise it is
+    placed uniformly. A box cut by the window's border is kept, clipped, when at least
+    `min_visible` of its area remains in the tile; a box wholly inside is always kept.
+    """
+
+    size: Optional[int] = None
+    min_visible: float = 0.5
+    object_prob: float = 0.5
+
+
+@dataclass
 class AugmentConfig:
     """`data.augment`: horizontal flip, multi-scale resize, optional crop branch, optional jitter."""
 
@@ -78,6 +104,7 @@ class AugmentConfig:
     reference_size: Optional[int] = None
     crop: CropConfig = field(default_factory=CropConfig)
     jitter: JitterConfig = field(default_factory=JitterConfig)
+    tile: TileConfig = field(default_factory=TileConfig)
 
 
 # --- building from a config node ---------------------------------------------------------
@@ -126,6 +153,7 @@ def validate_augment_config(settings: Any) -> None:
         )
     _validate_crop(settings.crop)
     _validate_jitter(settings.jitter)
+    _validate_tile(settings)
 
 
 def _validate_crop(crop: Any) -> None:
@@ -148,6 +176,23 @@ def _validate_jitter(jitter: Any) -> None:
     # A hue shift beyond half a turn wraps around: torchvision refuses it too.
     if not _is_number(jitter.hue) or not 0 <= jitter.hue <= 0.5:
         raise ConfigError(f"{KEY_PREFIX}.jitter.hue must be in [0, 0.5], got {jitter.hue!r}")
+
+
+def _validate_tile(settings: Any) -> None:
+    tile = settings.tile
+    _optional_positive_int(tile.size, "tile.size")
+    if not _is_number(tile.min_visible) or not 0.0 < tile.min_visible <= 1.0:
+        raise ConfigError(f"{KEY_PREFIX}.tile.min_visible must be a fraction in (0, 1], got {tile.min_visible!r}")
+    _probability(tile.object_prob, "tile.object_prob")
+    if tile.size is None:
+        return
+    # A tile is cut at native resolution: a resize before (crop branch) or after (scales) it would undo that.
+    if settings.scales is not None:
+        raise ConfigError(f"{KEY_PREFIX}.scales must be null with {KEY_PREFIX}.tile.size (tiles are cut at native "
+                          f"resolution, never resized), got {list(settings.scales)}")
+    if settings.crop.prob > 0:
+        raise ConfigError(f"{KEY_PREFIX}.crop.prob must be 0 with {KEY_PREFIX}.tile.size (the tile is the crop), "
+                          f"got {settings.crop.prob!r}")
 
 
 def _is_number(value: Any) -> bool:

@@ -56,6 +56,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.overfit_size": (_positive, ">= 1"),
     "training.val_subset_size": (_positive, ">= 1 or null"),
     "training.eval_every": (_positive, ">= 1"),
+    # Smaller tiles than the backbone's coarsest stride leave no feature map to detect on.
+    "training.eval_slice": (lambda v: v >= 32, ">= 32 (pixels) or null"),
+    "training.eval_slice_overlap": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "training.eval_slice_iou": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "training.log_every": (_non_negative, ">= 0 (0 disables step logging)"),
     "training.schedule.warmup_steps": (_non_negative, ">= 0"),
     "training.schedule.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -109,6 +113,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_progress(cfg.training.progress)
     _check_loggers(cfg.logger)
     _check_resize_schedule(cfg.training.resize_schedule)
+    _check_tiles_without_schedule(cfg)
     _check_model(cfg.model)
     _check_backbone(cfg.model.backbone)
     validate_augment_config(cfg.data.augment)
@@ -222,6 +227,16 @@ def _check_backbone(backbone: DictConfig) -> None:
                 value = sizes if key == "hidden_sizes" else sizes[0]
                 raise ConfigError(f"model.backbone.{key}={value} must be divisible by "
                                   f"model.backbone.num_groups={groups} (GroupNorm)")
+
+
+def _check_tiles_without_schedule(cfg: DictConfig) -> None:
+    tile = cfg.data.augment.tile.size
+    if tile is not None and cfg.training.resize_schedule is not None and not cfg.training.overfit:
+        raise ConfigError(
+            f"training.resize_schedule cannot apply with data.augment.tile.size={tile}: tiles are cut at native "
+            f"resolution and never resized, so the tile side is the training size",
+            hint="set training.resize_schedule=null, or train without tiles",
+        )
 
 
 def _check_resize_schedule(schedule) -> None:

@@ -233,6 +233,10 @@ class TrainingConfig:
     val_subset_size: Optional[int] = None
     resize_schedule: Optional[List[List[int]]] = None
     eval_every: int = MISSING
+    # Sliced evaluation (evaluation/slicing.py): tiles of this side plus the whole image; null: whole images.
+    eval_slice: Optional[int] = None
+    eval_slice_overlap: float = 0.2
+    eval_slice_iou: float = 0.5
     log_every: int = MISSING
     # auto: progress bars only on a terminal.
     progress: Union[bool, str] = MISSING

@@ -14,6 +14,12 @@ jitter) has its own stream, so changing one setting does not reshuffle the other
 flip's stream is the bare "(seed)-(epoch)-(index)" string and its first draw is the coin
 `CocoDetectionDataset` used before this module existed, so flips stay what they were.
 
+Tiles (`tile.size`, see `detr_train.config.augment.TileConfig`). The plan's `tile` is a
+window of the (flipped) image at its native resolution; its placement needs the boxes, so
+`plan` takes them. A box the window cuts is kept, clipped, when at least `min_visible` of
+its area remains; one wholly inside always is. Nothing is resized: the tile is the final
+image.
+
 Geometry. The drawn parameters are applied with the deterministic functional ops of
 `torchvision.transforms.v2.functional` to the image and to a `tv_tensors.BoundingBoxes`
 together, so box arithmetic is the library's. Boxes are clamped to the image, and those
@@ -32,6 +38,7 @@ exactly as it did before augmentation moved here (with do_resize=False).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,7 +82,8 @@ class AugmentPlan:
     """Everything random about one sample's augmentation, drawn before any pixel is touched.
 
     Sizes are (height, width). `crop_resize` and `crop` are both set (crop branch) or
-    both None. `jitter` lists (op, factor) in the order they are applied.
+    both None. `tile` (native-resolution tiles) excludes both and `final_size`. `jitter`
+    lists (op, factor) in the order they are applied.
     """
 
     flip: bool
@@ -83,6 +91,7 @@ class AugmentPlan:
     crop: CropWindow | None
     final_size: tuple[int, int] | None  # None: the image keeps its size (see Augmenter.defers_resize)
     jitter: tuple[tuple[str, float], ...]
+    tile: CropWindow | None = None
 
 
 def resized_size(height: int, width: int, shortest: int, longest_cap: int | None) -> tuple[int, int]:
@@ -96,6 +105,21 @@ def resized_size(height: int, width: int, shortest: int, longest_cap: int | None
 def _stream(seed: int, epoch: int, index: int, purpose: str | None = None) -> random.Random:
     key = f"{seed}-{epoch}-{index}" if purpose is None else f"{seed}-{epoch}-{index}-{purpose}"
     return random.Random(key)
+
+
+def _flipped(box_xywh: Sequence[float], width: int) -> list[float]:
+    x, y, w, h = (float(v) for v in box_xywh)
+    return [width - x - w, y, w, h]
+
+
+def _start_covering(rng: random.Random, low: float, high: float, window: int, side: int) -> int:
+    """A window start on one axis, uniform among those whose window holds [low, high] whole (a
+    span longer than the window: the window centred on it), kept inside [0, side]."""
+    first = max(0, math.ceil(high) - window)
+    last = min(side - window, math.floor(low))
+    if first > last:
+        return min(max(0, round((low + high - window) / 2)), side - window)
+    return rng.randint(first, last)
 
 
 def _draw_side(rng: random.Random, side: int, min_side: int, max_side: int) -> int:
@@ -126,9 +150,14 @@ class Augmenter:
 
     @property
     def defers_resize(self) -> bool:
-        """No multi-scale and no crop: the image keeps its size and the collator's image
+        """No multi-scale, no crop and no tiles: the image keeps its size and the collator's image
         processor resizes it to the base size, exactly as evaluation images are resized."""
-        return self.settings.scales is None and self.settings.crop.prob == 0
+        return self.settings.scales is None and self.settings.crop.prob == 0 and self.tile_size is None
+
+    @property
+    def tile_size(self) -> int | None:
+        """The side of native-resolution training tiles, which is then the training size; None: no tiles."""
+        return self.settings.tile.size
 
     # --- sizes at this epoch's base size -------------------------------------------------
 
@@ -153,11 +182,20 @@ class Augmenter:
 
     # --- drawing ---------------------------------------------------------------------------
 
-    def plan(self, height: int, width: int, *, seed: int, epoch: int, index: int, base_size: int) -> AugmentPlan:
-        """Draw every random choice for one sample: a pure function of its arguments."""
+    def plan(self, height: int, width: int, *, seed: int, epoch: int, index: int, base_size: int,
+             boxes_xywh: Sequence[Sequence[float]] = ()) -> AugmentPlan:
+        """Draw every random choice for one sample: a pure function of its arguments.
+
+        `boxes_xywh` (pixels of the unflipped image) only steer where a tile is placed.
+        """
         settings = self.settings
         scaled = self._scaler(base_size)
         flip = _stream(seed, epoch, index).random() < settings.hflip_prob
+        jitter = self._draw_jitter(_stream(seed, epoch, index, "jitter"))
+        if self.tile_size is not None:
+            boxes = [_flipped(box, width) for box in boxes_xywh] if flip else boxes_xywh
+            tile = self._draw_tile(_stream(seed, epoch, index, "tile"), height, width, boxes)
+            return AugmentPlan(flip, None, None, None, jitter, tile)
 
         crop_resize, crop = None, None
         crop_rng = _stream(seed, epoch, index, "crop")
@@ -174,7 +212,21 @@ class Augmenter:
         if not self.defers_resize:
             shortest = _stream(seed, epoch, index, "scale").choice(self.scales_for(base_size))
             final_size = resized_size(height, width, shortest, self.longest_cap(base_size, shortest))
-        return AugmentPlan(flip, crop_resize, crop, final_size, self._draw_jitter(_stream(seed, epoch, index, "jitter")))
+        return AugmentPlan(flip, crop_resize, crop, final_size, jitter)
+
+    def _draw_tile(self, rng: random.Random, height: int, width: int,
+                   boxes_xywh: Sequence[Sequence[float]]) -> CropWindow:
+        tile_h, tile_w = min(self.tile_size, height), min(self.tile_size, width)
+        # Both draws are made whatever the outcome, so one sample's choice never shifts the next draw.
+        over_object = rng.random() < self.settings.tile.object_prob
+        pick = rng.randrange(len(boxes_xywh)) if boxes_xywh else None
+        if over_object and pick is not None:
+            x, y, w, h = (float(v) for v in boxes_xywh[pick])
+            top = _start_covering(rng, y, y + h, tile_h, height)
+            left = _start_covering(rng, x, x + w, tile_w, width)
+        else:
+            top, left = rng.randint(0, height - tile_h), rng.randint(0, width - tile_w)
+        return CropWindow(top, left, tile_h, tile_w)
 
     def _draw_jitter(self, rng: random.Random) -> tuple[tuple[str, float], ...]:
         jitter = self.settings.jitter
@@ -213,16 +265,33 @@ class Augmenter:
         if len(boxes_xywh) != len(labels):
             raise ValueError(f"{len(boxes_xywh)} boxes but {len(labels)} labels")
         image = image if image.mode == "RGB" else image.convert("RGB")
-        plan = self.plan(image.height, image.width, seed=seed, epoch=epoch, index=index, base_size=base_size)
+        plan = self.plan(image.height, image.width, seed=seed, epoch=epoch, index=index, base_size=base_size,
+                         boxes_xywh=boxes_xywh)
         scale_y, scale_x = output_pixels_per_source_pixel(plan, image.height, image.width)
         boxes = _to_bounding_boxes(boxes_xywh, (image.height, image.width))
+        visible = None if plan.tile is None else self._visible_in_tile(plan, boxes, image.width)
         image, boxes = apply_plan(plan, image, boxes)
         xywh = F.convert_bounding_box_format(F.clamp_bounding_boxes(boxes),
                                              new_format=tv_tensors.BoundingBoxFormat.XYWH).as_subclass(torch.Tensor)
         keep = ((xywh[:, 2] / scale_x >= MIN_BOX_SIDE - _SIDE_TOLERANCE)
                 & (xywh[:, 3] / scale_y >= MIN_BOX_SIDE - _SIDE_TOLERANCE))
+        if visible is not None:
+            keep &= visible
         kept_labels = [int(label) for label, kept in zip(labels, keep.tolist()) if kept]
         return image, xywh[keep].tolist(), kept_labels
+
+    def _visible_in_tile(self, plan: AugmentPlan, boxes_xyxy: torch.Tensor, width: int) -> torch.Tensor:
+        """Which boxes keep at least `tile.min_visible` of their area in the tile.
+
+        Measured in the unaugmented image's pixels, against the window flipped back: clamping
+        is exact there, so a box wholly inside compares equal to itself and is always kept.
+        """
+        tile = plan.tile
+        left = width - tile.left - tile.width if plan.flip else tile.left
+        clipped = boxes_xyxy.as_subclass(torch.Tensor).clone()
+        clipped[:, 0::2] = clipped[:, 0::2].clamp(left, left + tile.width)
+        clipped[:, 1::2] = clipped[:, 1::2].clamp(tile.top, tile.top + tile.height)
+        return _areas(clipped) >= self.settings.tile.min_visible * _areas(boxes_xyxy.as_subclass(torch.Tensor))
 
 
 def output_pixels_per_source_pixel(plan: AugmentPlan, height: int, width: int) -> tuple[float, float]:
@@ -244,6 +313,10 @@ def _to_bounding_boxes(boxes_xywh: Sequence[Sequence[float]], canvas_size: tuple
     return tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=canvas_size)
 
 
+def _areas(boxes_xyxy: torch.Tensor) -> torch.Tensor:
+    return (boxes_xyxy[:, 2] - boxes_xyxy[:, 0]) * (boxes_xyxy[:, 3] - boxes_xyxy[:, 1])
+
+
 def apply_plan(
     plan: AugmentPlan, image: Image.Image, boxes: tv_tensors.BoundingBoxes
 ) -> tuple[Image.Image, tv_tensors.BoundingBoxes]:
@@ -256,6 +329,10 @@ def apply_plan(
         image = F.crop(image, window.top, window.left, window.height, window.width)
         # Clamp right away: the boxes' edges are the crop's now, whatever the next resize does.
         boxes = F.clamp_bounding_boxes(F.crop(boxes, window.top, window.left, window.height, window.width))
+    if plan.tile is not None:
+        tile = plan.tile
+        image = F.crop(image, tile.top, tile.left, tile.height, tile.width)
+        boxes = F.crop(boxes, tile.top, tile.left, tile.height, tile.width)
     if plan.final_size is not None:
         image, boxes = F.resize(image, list(plan.final_size)), F.resize(boxes, list(plan.final_size))
     # Photometric ops are per pixel: cheapest on the final, usually smaller, image.

@@ -109,7 +109,8 @@ def build_evaluation_data(data_cfg: DataConfig, train_cfg: TrainingConfig, budge
 def build_augmenter(data_cfg: DataConfig) -> Augmenter | None:
     """The training augmentation of `data.augment`; None when it changes nothing."""
     settings = data_cfg.augment
-    if not (settings.hflip_prob or settings.scales or settings.crop.prob or settings.jitter.prob):
+    if not (settings.hflip_prob or settings.scales or settings.crop.prob or settings.jitter.prob
+            or settings.tile.size):
         return None
     return Augmenter(settings, reference_size=data_cfg.image_size, max_size_ratio=data_cfg.max_size_ratio)
 

@@ -7,6 +7,7 @@ and scores every rank's detections together with one COCOeval.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from detr_train.distributed.launch import SINGLE_PROCESS, DistContext
 from detr_train.evaluation.coco import CocoScores, gathered_scores
+from detr_train.evaluation.slicing import SliceSettings, with_tiles
 from detr_train.modeling.precision import Precision
 
 
@@ -34,6 +36,22 @@ def _canvas_target_sizes(pixel_mask: torch.Tensor, orig_sizes: torch.Tensor) -> 
 
 
 @torch.no_grad()
+def _detect(model: torch.nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, sizes: torch.Tensor,
+            image_processor, precision: Precision, device: torch.device, top_k: int) -> list[dict]:
+    """One model call: each input's top-k detections, boxes in pixels of its `sizes` (h, w)."""
+    pixel_values = pixel_values.to(device, non_blocking=True)
+    pixel_mask_on_device = pixel_mask.to(device, non_blocking=True)
+    with precision.autocast():
+        outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask_on_device)
+    outputs.logits = outputs.logits.float()
+    outputs.pred_boxes = outputs.pred_boxes.float()
+    target_sizes = _canvas_target_sizes(pixel_mask, sizes)
+    return image_processor.post_process_object_detection(
+        outputs, threshold=0.0, target_sizes=target_sizes.to(device), top_k=top_k
+    )
+
+
+@torch.no_grad()
 def predict(
     model: torch.nn.Module,
     batches: Iterable[dict],
@@ -44,21 +62,21 @@ def predict(
     *,
     progress: bool = False,
     top_k: int = 100,
+    slicing: SliceSettings | None = None,
 ) -> list[dict]:
-    """COCO-format detections (image_id, category_id, bbox xywh, score) for every image."""
+    """COCO-format detections (image_id, category_id, bbox xywh, score) for every image.
+
+    With `slicing`, the batches carry tiles (`evaluation.slicing.SlicedCollator`) whose
+    detections merge with the whole images'.
+    """
     model.eval()
+    detect = functools.partial(_detect, model, image_processor=image_processor, precision=precision, device=device,
+                               top_k=top_k)
     detections: list[dict] = []
     for batch in tqdm(batches, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
-        pixel_values = batch["pixel_values"].to(device, non_blocking=True)
-        pixel_mask = batch["pixel_mask"].to(device, non_blocking=True)
-        with precision.autocast():
-            outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
-        outputs.logits = outputs.logits.float()
-        outputs.pred_boxes = outputs.pred_boxes.float()
-        target_sizes = _canvas_target_sizes(batch["pixel_mask"], batch["orig_sizes"])
-        results = image_processor.post_process_object_detection(
-            outputs, threshold=0.0, target_sizes=target_sizes.to(device), top_k=top_k
-        )
+        results = detect(batch["pixel_values"], batch["pixel_mask"], batch["orig_sizes"])
+        if slicing is not None:
+            results = with_tiles(results, batch, detect, slicing, top_k)
         for image_id, result in zip(batch["image_ids"], results):
             for score, label, (x0, y0, x1, y1) in zip(
                 result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()
@@ -81,7 +99,8 @@ class Evaluator:
     """Predict on this rank's shard of the validation batches and score with one COCOeval."""
 
     def __init__(self, image_processor, precision: Precision, device: torch.device, coco_gt, image_ids: list[int],
-                 label_to_category: Callable[[int], int], *, dist: DistContext = SINGLE_PROCESS, progress: bool = False):
+                 label_to_category: Callable[[int], int], *, dist: DistContext = SINGLE_PROCESS, progress: bool = False,
+                 slicing: SliceSettings | None = None):
         self.image_processor = image_processor
         self.precision = precision
         self.device = device
@@ -90,10 +109,11 @@ class Evaluator:
         self.label_to_category = label_to_category
         self.dist = dist
         self.progress = progress
+        self.slicing = slicing  # the batches then carry tiles (evaluation.slicing.sliced_collator)
 
     def __call__(self, model: torch.nn.Module, batches: Iterable[dict]) -> Evaluation:
         start = time.perf_counter()
         detections = predict(model, batches, self.image_processor, self.precision, self.device,
-                             self.label_to_category, progress=self.progress)
+                             self.label_to_category, progress=self.progress, slicing=self.slicing)
         scores = gathered_scores(self.coco_gt, detections, self.image_ids, self.dist)
         return Evaluation({**scores.metrics, "eval_time": time.perf_counter() - start}, scores)

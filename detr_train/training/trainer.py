@@ -46,6 +46,7 @@ from detr_train.distributed import collectives as distributed
 from detr_train.distributed.launch import SINGLE_PROCESS, DistContext
 from detr_train.evaluation.coco import CocoScores, load_coco_ground_truth
 from detr_train.evaluation.evaluator import Evaluation, Evaluator
+from detr_train.evaluation.slicing import SliceSettings, sliced_collator
 from detr_train.modeling.build import build_image_processor, build_model
 from detr_train.modeling.fast_paths import apply_fast_paths
 from detr_train.modeling.precision import resolve_precision
@@ -83,6 +84,7 @@ class Trainer:
         ema_cfg = train_cfg.ema
         self.ema = ModelEMA(self.model, decay=ema_cfg.decay, warmup_steps=ema_cfg.warmup_steps) if ema_cfg.enabled else None
         self.precision = resolve_precision(train_cfg.amp, train_cfg.amp_dtype, self.device)
+        self.slicing = SliceSettings.from_training(train_cfg)
         self._build_loaders()
         self._build_optimisation()
         self.state = TrainState(layout=self.layout)
@@ -94,15 +96,14 @@ class Trainer:
     def _build_loaders(self) -> None:
         cfg, data = self.cfg, self.data
         collator = DetrCollator(self.processor, cfg.data.max_size_ratio)
-        self.train_sampler = training_sampler(
-            len(data.train), cfg.training,
-            lambda epoch: size_for_epoch(self.resize_schedule, epoch, cfg.data.image_size), self.dist,
-            data.repeat_factors,
-        )
+        self.train_sampler = training_sampler(len(data.train), cfg.training, self._training_size, self.dist,
+                                              data.repeat_factors)
         val_sampler = evaluation_sampler(len(data.val), cfg.training.batch_size, cfg.data.eval_size, self.dist)
         seed = cfg.training.seed
         self.train_loader = make_loader(data.train, self.train_sampler, collator, cfg.data, seed, self.device)
-        self.val_loader = make_loader(data.val, val_sampler, collator, cfg.data, seed, self.device)
+        # Sliced evaluation: the validation batches also carry each image's tiles, cut in the workers.
+        val_collator = sliced_collator(collator, self.processor, self.slicing, cfg.training.batch_size)
+        self.val_loader = make_loader(data.val, val_sampler, val_collator, cfg.data, seed, self.device)
         # With repeat-factor sampling each epoch has its own length. The LR schedule (a pure
         # function of the optimiser step: its total steps, a step schedule's epoch boundaries)
         # and a resume under another world size need one fixed epoch length: they use the
@@ -119,6 +120,13 @@ class Trainer:
     def batches_per_epoch(self) -> int:
         """Loader batches per process in the epoch being trained (with repeat factors, its own length)."""
         return self.train_sampler.batches_per_epoch()
+
+    def _training_size(self, epoch: int) -> int:
+        # Native-resolution tiles (data/augment=tiles) are never resized: their side is the training size.
+        augmenter = self.data.train.augmenter
+        if augmenter is not None and augmenter.tile_size is not None:
+            return augmenter.tile_size
+        return size_for_epoch(self.resize_schedule, epoch, self.cfg.data.image_size)
 
     def _build_optimisation(self) -> None:
         train_cfg = self.cfg.training
@@ -137,7 +145,7 @@ class Trainer:
         self.evaluator = Evaluator(
             self.processor, self.precision, self.device, load_coco_ground_truth(self.data.val_ann),
             self.data.val.image_ids, self.data.train.categories.category_id, dist=self.dist,
-            progress=show_progress(train_cfg.progress),
+            progress=show_progress(train_cfg.progress), slicing=self.slicing,
         )
 
     def _build_checkpointer(self) -> Checkpointer:
@@ -203,7 +211,7 @@ class Trainer:
         """Train one epoch; its result, or None when a stop request ended it early."""
         state = self.state
         state.start_epoch()
-        image_size = size_for_epoch(self.resize_schedule, epoch, self.cfg.data.image_size)
+        image_size = self._training_size(epoch)
         self.train_sampler.set_epoch(epoch, state.batch_in_epoch)
         started = time.perf_counter()
         plan = EpochPlan(epoch, self.batches_per_epoch, self.cfg.training.accumulate_steps,
