@@ -55,10 +55,13 @@ def _inside_output(box: list[float], plan: AugmentPlan) -> bool:
     """Whether a source box lies wholly inside what the augmented image shows (its crop window)."""
     # The geometry below knows flips and the crop branch; a plan with other fields needs it extended.
     assert {f.name for f in dataclasses.fields(AugmentPlan)} == {"flip", "crop_resize", "crop", "final_size",
-                                                                  "jitter"}, "teach _inside_output the new plan"
+                                                                  "jitter", "tile"}, "teach _inside_output the new plan"
     x, y, w, h = box
     if plan.flip:
         x = WIDTH - x - w
+    if plan.tile is not None:  # a native-resolution window of the (flipped) image
+        tile = plan.tile
+        return tile.left <= x and x + w <= tile.left + tile.width and tile.top <= y and y + h <= tile.top + tile.height
     if plan.crop is None:
         return True
     sy, sx = plan.crop_resize[0] / HEIGHT, plan.crop_resize[1] / WIDTH
@@ -92,15 +95,21 @@ def test_no_step_drops_a_2px_box_that_stays_inside_the_image(preset, tmp_path):
             batch = collate([dataset[SampleRequest(0, base_size, epoch)]])
             target = batch["labels"][0]
             kept = set(target["class_labels"].tolist())
-            plan = augmenter.plan(HEIGHT, WIDTH, seed=0, epoch=epoch, index=0, base_size=base_size) \
+            plan = augmenter.plan(HEIGHT, WIDTH, seed=0, epoch=epoch, index=0, base_size=base_size,
+                                  boxes_xywh=all_boxes) \
                 if augmenter is not None else AugmentPlan(False, None, None, None, ())
             inside = {label for label, box in enumerate(all_boxes) if _inside_output(box, plan)}
-            assert len(inside) > 20
+            assert len(inside) > (3 if augmenter is not None and augmenter.tile_size else 20)
             assert inside <= kept, f"base {base_size}, epoch {epoch}: lost boxes {sorted(inside - kept)[:10]}"
             # One image: no padding, and the processor's boxes are fractions of its width.
             smallest_side = min(smallest_side, float(target["boxes"][:, 2].min()) * batch["pixel_values"].shape[-1])
-    # The sizes above shrink the frame: the boxes reached the model smaller than they were drawn.
-    assert smallest_side < 1.2
+    if augmenter is not None and augmenter.tile_size is not None:
+        # Tiles keep native pixels: nothing shrank; the smallest is a box the tile's border cut
+        # in half (min_visible 0.5 keeps it, clipped).
+        assert smallest_side == pytest.approx(1.0)
+    else:
+        # The sizes above shrink the frame: the boxes reached the model smaller than they were drawn.
+        assert smallest_side < 1.2
 
 
 # --- the report --------------------------------------------------------------------------
