@@ -45,11 +45,7 @@ class Column:
     sliced: bool
 
 
-TRAININGS = {  # name: overrides on top of the common ones
-    "whole": [],
-    "tiles": ["data/augment=tiles"],
-    "tiles_rfs": ["data/augment=tiles", "data.sampler=repeat_factor"],
-}
+TRAININGS = ("whole", "tiles", "tiles_rfs")
 COLUMNS = (
     Column("(a) whole frames", "whole", sliced=False),
     Column("(b) (a) + sliced inference", "whole", sliced=True),
@@ -58,16 +54,20 @@ COLUMNS = (
 )
 
 
-def common_overrides(args: argparse.Namespace, work: Path, name: str) -> list[str]:
-    return [
+def overrides_for(name: str, args: argparse.Namespace, work: Path) -> list[str]:
+    overrides = [
         f"data={DATA}", f"data.root={work / 'data'}",
         f"data.generate.num_train={args.train_images}", f"data.generate.num_val={args.val_images}",
-        f"data.image_size={args.size}", f"data.eval_size={args.size}", f"data.augment.tile.size={args.size}",
-        f"data.repeat_threshold={args.repeat_threshold}",
+        f"data.image_size={args.size}", f"data.eval_size={args.size}",
         f"training.epochs={args.epochs}", f"training.eval_every={args.epochs}",
         "training.plots=false", "training.progress=false", "training.log_every=0",
         f"output_root={work / 'outputs'}", f"name={name}",
     ]
+    if name in ("tiles", "tiles_rfs"):
+        overrides += ["data/augment=tiles", f"data.augment.tile.size={args.size}"]
+    if name == "tiles_rfs":
+        overrides += ["data.sampler=repeat_factor", f"data.repeat_threshold={args.repeat_threshold}"]
+    return overrides
 
 
 def run(command: list[str], threads: int, what: str) -> float:
@@ -80,18 +80,17 @@ def run(command: list[str], threads: int, what: str) -> float:
 
 
 def train(name: str, args: argparse.Namespace, work: Path) -> tuple[Path, float]:
-    seconds = run([sys.executable, "-m", "detr_train", *common_overrides(args, work, name), *TRAININGS[name]],
-                  args.threads, f"training {name}")
+    seconds = run([sys.executable, "-m", "detr_train", *overrides_for(name, args, work)], args.threads,
+                  f"training {name}")
     (run_dir,) = (work / "outputs" / name).iterdir()
     return run_dir, seconds
 
 
 def evaluate(run_dir: Path, sliced: bool, args: argparse.Namespace, output: Path) -> tuple[dict, float]:
-    command = [sys.executable, "-m", "detr_train.cli.evaluate", str(run_dir), "--output", str(output)]
-    if sliced:
-        command += ["--slice", str(args.size), "--slice-overlap", str(args.overlap)]
+    command = [sys.executable, "-m", "detr_train.cli.evaluate", str(run_dir), "--output", str(output),
+               "--slice", str(args.size if sliced else 0), "--slice-overlap", str(args.overlap)]
     seconds = run(command, args.threads, f"evaluating {run_dir.name}")
-    return json.loads((output / "metrics.json").read_text()), seconds
+    return json.loads((output / "metrics.json").read_text())["metrics"], seconds
 
 
 def score_row(column: Column, metrics: dict, minutes: float) -> dict:
