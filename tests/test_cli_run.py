@@ -46,7 +46,8 @@ def test_default_run_writes_the_run_directory(small_run_overrides, synthetic_roo
                      f"Best validation mAP {best['train']['best_metric']:.4f} at epoch {best_epoch}",
                      f"Curves and plots: {run_dir / 'training_curves.png'}, {run_dir / 'plots' / 'per_class_ap.png'}",
                      f"Score it again:       detr-train-eval {run_dir}",
-                     f"Draw its detections:  detr-train-predict {run_dir} {synthetic_root / 'val'}"):
+                     f"Draw its detections:  detr-train-predict {run_dir} {synthetic_root / 'val'}",
+                     f"Deploy it as ONNX:    detr-train-export {run_dir} --output {run_dir / 'model.onnx'}"):
         assert expected in last_lines, (expected, last_lines)
     assert "training.resume=" not in last_lines  # it finished: nothing to continue
 

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 def next_steps(run_dir: Path, best_map: float, best_epoch: int, images_dir: Path | None,
                stopped: str | None = None) -> list[str]:
     """Lines naming the run directory, the best mAP and its epoch, the curves and plots, how to
-    score and draw the run again and, for a run stopped early, how to continue it."""
+    score and draw the run again, how to export it and, for a run stopped early, how to
+    continue it."""
     run_dir = Path(run_dir)
     run = shlex.quote(str(run_dir))
     lines = [f"Run directory: {run_dir}"]
@@ -31,6 +32,7 @@ def next_steps(run_dir: Path, best_map: float, best_epoch: int, images_dir: Path
     lines.append(f"Score it again:       detr-train-eval {run}")
     images = shlex.quote(str(Path(images_dir).absolute())) if images_dir is not None else "<images>"
     lines.append(f"Draw its detections:  detr-train-predict {run} {images}")
+    lines.append(f"Deploy it as ONNX:    detr-train-export {run} --output {shlex.quote(str(run_dir / 'model.onnx'))}")
     return lines
 
 
