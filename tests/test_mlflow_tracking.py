@@ -172,8 +172,8 @@ def test_params_metrics_and_pictures_equal_what_the_run_wrote(synthetic_root, st
     artifacts = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=store,
                                                     dst_path=str(tmp_path / "artifacts"))
     files = sorted(str(p.relative_to(artifacts)) for p in Path(artifacts).rglob("*") if p.is_file())
-    assert files == ["plots/per_class_ap.png", "plots/pr_curves.png", "predictions/epoch_0001/0.png",
-                     "predictions/epoch_0002/0.png", "training_curves.png"]
+    assert files == ["plots/confusion_matrix.png", "plots/per_class_ap.png", "plots/pr_curves.png",
+                     "predictions/epoch_0001/0.png", "predictions/epoch_0002/0.png", "training_curves.png"]
     assert (Path(artifacts) / "training_curves.png").read_bytes() == (run_dir / "training_curves.png").read_bytes()
 
 

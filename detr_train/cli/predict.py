@@ -171,11 +171,12 @@ def predict_images(args: argparse.Namespace) -> None:
 
     _check_arguments(args)
     inputs, overrides = split_overrides(args.inputs)
+    slicing_overrides = slice_overrides(args)  # checks the options under their own names, first
     images = find_images(inputs)
     output = args.output or next_free_dir(DEFAULT_OUTPUT)
     refuse_taken_output(output, overwrite=args.overwrite)  # before the model loads
     device = resolve_device(args.device or "auto")
-    model, class_names, processor, slicing = _load_model(args, overrides, device)
+    model, class_names, processor, slicing = _load_model(args, overrides, slicing_overrides, device)
     collator = sliced_collator(InferenceCollator(processor), processor, slicing, args.batch_size)
     loader = DataLoader(ImageFiles(images), batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=collator, pin_memory=device.type == "cuda")
@@ -204,7 +205,8 @@ def predict_images(args: argparse.Namespace) -> None:
              len(images) - len(failed), f", {len(failed)} unreadable image(s) skipped" if failed else "", output)
 
 
-def _load_model(args: argparse.Namespace, overrides: list[str], device: torch.device):
+def _load_model(args: argparse.Namespace, overrides: list[str], slicing_overrides: list[str],
+                device: torch.device):
     """(model, class names, image processor, slice settings or None): a checkpoint, run dir or
     HF folder on its fast paths, slicing as its run did unless --slice says otherwise; or an
     exported `.onnx` graph run by ONNX Runtime (no transformers model code), slicing only on
@@ -212,7 +214,6 @@ def _load_model(args: argparse.Namespace, overrides: list[str], device: torch.de
     from detr_train.evaluation.onnx_runtime import is_onnx_file, load_onnx
     from detr_train.evaluation.slicing import SliceSettings
 
-    slicing_overrides = slice_overrides(args)  # checks the options under their own names
     if is_onnx_file(args.model):
         if overrides:
             from detr_train.errors import ConfigError
