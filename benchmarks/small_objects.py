@@ -111,7 +111,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train-images", type=int, default=800)
     parser.add_argument("--val-images", type=int, default=200)
     parser.add_argument("--size", type=int, default=128, help="training input, evaluation and tile size (px)")

@@ -409,6 +409,27 @@ def test_baseline_experiment_preset_composes():
     assert cfg.training.amp is True
     assert cfg.training.epochs == 50
     assert OmegaConf.to_container(cfg.training.resize_schedule) == [[1, 640], [20, 800], [40, 960]]
+    assert cfg.data.sampler == "repeat_factor"
+
+
+def test_tiles_experiment_is_the_baseline_on_native_resolution_tiles_and_passes_the_checks():
+    from hydra import compose, initialize_config_dir
+
+    from detr_train.config import config_dir
+    from detr_train.config.checks import check_config
+
+    with initialize_config_dir(str(config_dir()), version_base=None):
+        baseline = compose("config", overrides=["experiment=bdd100k_baseline", "data.root=/data/bdd100k"])
+        cfg = compose("config", overrides=["experiment=bdd100k_tiles", "data.root=/data/bdd100k"])
+    check_config(cfg)  # tiles refuse a resize schedule: the preset turns it off
+    assert cfg.name == "bdd100k_tiles"
+    assert cfg.data.augment.tile.size == 640 and cfg.data.augment.crop.prob == 0 and cfg.data.augment.scales is None
+    assert cfg.training.eval_slice == 640 and cfg.training.resize_schedule is None
+    # Everything else is the baseline's.
+    for key in ("model", "budget"):
+        assert cfg[key] == baseline[key]
+    differing = {k for k in cfg.training if cfg.training[k] != baseline.training[k]}
+    assert differing == {"resize_schedule", "eval_slice"}
 
 
 # --------------------------------------------------------------------------------------
