@@ -139,6 +139,19 @@ def trained_run(synthetic_root, tmp_path_factory):
                            tensorboard=with_tensorboard)
 
 
+def train_in_process(overrides: list[str], tmp_path: Path, monkeypatch) -> int:
+    """`detr-train <overrides> output_root=<tmp_path>/outputs`, run in this process from
+    `tmp_path` without HYDRA_FULL_ERROR: its exit status (what stderr says is in capsys)."""
+    from detr_train.cli import train as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["detr-train", *overrides, f"output_root={tmp_path / 'outputs'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code
+
+
 def run_cli(args: list[str], *, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     """Run `python -m detr_train` in a subprocess; returns the CompletedProcess."""
     full_env = dict(os.environ, **(env or {}))

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from detr_train.cli import train as cli
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, run_cli, train_in_process
 
 # (overrides, what the one line must name). Each is refused while the config is composed
 # and checked, before Hydra makes a run directory.
@@ -78,12 +78,7 @@ def _id(case) -> str:
 
 @pytest.mark.parametrize("overrides,named", CONFIG_MISTAKES, ids=[_id(c) for c in CONFIG_MISTAKES])
 def test_a_config_mistake_is_one_line_exit_2_and_writes_nothing(overrides, named, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["detr-train", *overrides, f"output_root={tmp_path / 'outputs'}"])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 2
+    assert train_in_process(overrides, tmp_path, monkeypatch) == 2
     err = capsys.readouterr().err
     first, *rest = err.strip().splitlines()
     assert first.startswith("detr-train: error: ") and named in first

@@ -18,13 +18,12 @@ from omegaconf import OmegaConf
 from detr_train.checkpointing.checkpointer import Found
 from detr_train.checkpointing.format import KEY_CONFIG_YAML
 from detr_train.checkpointing.plan import Plan, checkpoint_config, plan, reconcile_config
-from detr_train.cli import train as cli
 from detr_train.config.checks import MLFLOW_MISSING
 from detr_train.reporting import mlflow_tracker
 from detr_train.reporting.mlflow_tracker import MlflowTracking, record_metrics, tracking_target
 from detr_train.reporting.trackers import tracker_callbacks
 from detr_train.reporting.visual_callbacks import TensorBoardLogging
-from tests.conftest import SHARED_RUN_SETTINGS, SMALL_SYNTHETIC, compose_config, make_trainer
+from tests.conftest import SHARED_RUN_SETTINGS, SMALL_SYNTHETIC, compose_config, make_trainer, train_in_process
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -44,12 +43,7 @@ def test_each_logger_choice_gives_its_trackers(choice, expected):
 
 
 def _cli_error(monkeypatch, tmp_path, capsys, *overrides: str) -> str:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["detr-train", *overrides, f"output_root={tmp_path / 'outputs'}"])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 2
+    assert train_in_process(list(overrides), tmp_path, monkeypatch) == 2
     assert list(tmp_path.iterdir()) == []  # nothing written
     return capsys.readouterr().err.strip()
 

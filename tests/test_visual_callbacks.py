@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from detr_train.checkpointing.plan import Plan, plan
-from detr_train.cli import train as cli
 from detr_train.config.checks import TENSORBOARD_MISSING
 from detr_train.errors import ConfigError
 from detr_train.reporting import drawing, plots
@@ -32,6 +31,7 @@ from tests.conftest import (
     compose_config,
     make_trainer,
     spy_on,
+    train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -244,12 +244,7 @@ def _hide_tensorboard(monkeypatch) -> None:
 ])
 def test_config_mistakes_are_one_line_before_any_run_dir(overrides, named, tmp_path, monkeypatch, capsys):
     _hide_tensorboard(monkeypatch)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["detr-train", *overrides, f"output_root={tmp_path / 'outputs'}"])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 2
+    assert train_in_process(overrides, tmp_path, monkeypatch) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("detr-train: error: ") and named in err
     assert "\n" not in err  # one line, no hint, no traceback

@@ -63,7 +63,11 @@ class StepLayout:
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-self.batches_per_epoch // self.accumulate)
+        return self.steps_in(self.batches_per_epoch)
+
+    def steps_in(self, batches: int) -> int:
+        """Optimiser steps of an epoch of `batches` loader batches (a last partial group steps too)."""
+        return -(-batches // self.accumulate)
 
     @property
     def effective_batch_size(self) -> int:

@@ -221,8 +221,7 @@ class Trainer:
             return None
         state.finish_epoch(epoch)
         # The LR of the epoch's first step: a function of the step, so a resumed epoch logs the same.
-        steps_this_epoch = -(-self.batches_per_epoch // self.cfg.training.accumulate_steps)
-        first_step = state.global_step - steps_this_epoch
+        first_step = state.global_step - self.layout.steps_in(self.batches_per_epoch)
         record = {"epoch": epoch, "global_step": state.global_step,
                   "lr": self.schedule.lr_at(first_step),
                   "image_size": image_size, **train_metrics}
